@@ -1,0 +1,1 @@
+"""cotsafe_jax.eval."""

@@ -1,0 +1,108 @@
+"""Device mesh and the logical-axis rules table: the only place mesh axis names appear.
+
+Model code names logical axes (batch, embed, heads, ...); these rules map them to mesh axes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cotsafe_jax.errors import CotsafeError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("cache_length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("classes", None),
+)
+
+_RULES = dict(LOGICAL_AXIS_RULES)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Sequence[Any] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all). One of the sizes may be -1 (the rest)."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = [data, fsdp, tensor]
+  if sum(1 for s in sizes if s == -1) > 1:
+    raise CotsafeError(f"make_mesh: at most one of data={data}, fsdp={fsdp}, tensor={tensor} may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if known <= 0 or len(devices) % known:
+    raise CotsafeError(f"make_mesh: data={data} x fsdp={fsdp} x tensor={tensor} does not divide "
+                       f"the {len(devices)} devices")
+  sizes = [len(devices) // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != len(devices):
+    raise CotsafeError(f"make_mesh: data x fsdp x tensor = {math.prod(sizes)} but there are "
+                       f"{len(devices)} devices (use -1 for one axis to take the rest)")
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def single_device_mesh() -> Mesh:
+  return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def _axis_size(mesh: Mesh, mesh_axes: Any) -> int:
+  if mesh_axes is None:
+    return 1
+  if isinstance(mesh_axes, str):
+    mesh_axes = (mesh_axes,)
+  return math.prod(mesh.shape[a] for a in mesh_axes)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,
+                    mesh: Mesh | None = None) -> P:
+  """PartitionSpec for logical axes; a dim the mesh axes do not divide is left replicated."""
+  spec = []
+  used: set[str] = set()
+  for i, name in enumerate(logical_axes):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in _RULES:
+      raise CotsafeError(f"unknown logical axis {name!r} (known: {', '.join(_RULES)})")
+    mesh_axes = _RULES[name]
+    if mesh_axes is not None:
+      as_tuple = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+      if any(a in used for a in as_tuple):
+        mesh_axes = None  # a mesh axis shards at most one dim of an array
+      elif mesh is not None and shape is not None and shape[i] % _axis_size(mesh, as_tuple):
+        mesh_axes = None
+      else:
+        used.update(as_tuple)
+    spec.append(mesh_axes)
+  return P(*spec)
+
+
+def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None],
+                     shape: Sequence[int] | None = None) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh))
+
+
+def tree_shardings(mesh: Mesh, logical_tree: Any, shape_tree: Any) -> Any:
+  """NamedShardings for a pytree given matching trees of logical-axis tuples and shapes."""
+  return jax.tree.map(
+      lambda axes, s: logical_sharding(mesh, axes, s.shape), logical_tree, shape_tree,
+      is_leaf=lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, shape: Sequence[int] | None = None) -> NamedSharding:
+  """Shard the leading (batch) dim over data x fsdp; the rest replicated."""
+  return logical_sharding(mesh, ("batch",) + (None,) * (ndim - 1), shape)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

@@ -1,0 +1,31 @@
+"""cotsafe_jax: RL for chain-of-thought safety of large reasoning models, in JAX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="cotsafe_jax",
+    version="0.1.0",
+    description="JAX-native PPO with token-level safety penalties on chain-of-thought reasoning",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cotsafe_jax", "cotsafe_jax.*"]),
+    install_requires=[
+        "jax>=0.7,<0.12",
+        "flax>=0.11,<0.14",
+        "optax>=0.2.4,<0.4",
+        "orbax-checkpoint>=0.11,<0.13",
+        "gin-config>=0.5,<0.6",
+        "transformers>=4.56,<6",
+        "datasets>=3.0,<5",
+        "safetensors>=0.4,<0.8",
+        "grain>=0.2.10,<0.4",
+        "tensorflow-datasets>=4.9.7,<5",
+        "numpy>=1.26,<3",
+        "tqdm>=4.66,<5",
+        "tensorboardX>=2.6,<3",
+        "matplotlib>=3.8,<4",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "torch==2.13.0"],
+        "tpu": ["jax[tpu]"],
+        "gpu": ["jax[cuda13]"],
+    },
+)
