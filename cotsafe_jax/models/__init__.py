@@ -1,1 +1,9 @@
-"""cotsafe_jax.models."""
+"""Decoder models (Llama 3.x, Qwen2/2.5, Qwen3): config, params, forward, KV cache, HF checkpoint I/O."""
+from cotsafe_jax.models.api import (cache_shardings, decode_step, extend, forward, hidden_states, init_cache,
+                                    init_params, logits_from_hidden, param_logical_axes, param_shapes,
+                                    param_shardings, positions_from_mask, prefill, unembedding)
+from cotsafe_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, tiny_config
+
+__all__ = ["ModelConfig", "SUPPORTED_MODEL_TYPES", "cache_shardings", "decode_step", "extend", "forward",
+           "hidden_states", "init_cache", "init_params", "logits_from_hidden", "param_logical_axes",
+           "param_shapes", "param_shardings", "positions_from_mask", "prefill", "tiny_config", "unembedding"]

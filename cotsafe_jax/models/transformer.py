@@ -1,0 +1,184 @@
+"""Flax linen decoder for Llama 3.x / Qwen2 / Qwen3: RMSNorm, RoPE (llama3 scaling), GQA, SwiGLU, KV cache.
+
+Layers are scanned (params stacked on a leading "layers" axis) so deep models compile once per layer shape.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cotsafe_jax.models.config import ModelConfig
+
+Array = jax.Array
+_NEG = -1e30  # finite: a fully masked (padding) query row stays NaN-free
+
+
+def _param(mod: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
+           init: Callable, dtype: Any) -> Array:
+  return mod.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+  dim: int
+  eps: float
+  param_dtype: Any
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = _param(self, "scale", (self.dim,), (self.axis_name,), nn.initializers.ones, self.param_dtype)
+    x32 = x.astype(jnp.float32)  # float32 statistics whatever the compute dtype
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (scale.astype(jnp.float32) * y).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Array:
+  """Inverse frequencies [head_dim/2] in float32, with Llama 3.1 scaling when configured."""
+  dh = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+  sc = cfg.rope_scaling_dict
+  if sc is None:
+    return inv
+  factor, low, high = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+  old = sc["original_max_position_embeddings"]
+  wavelen = 2 * math.pi / inv
+  scaled = jnp.where(wavelen > old / low, inv / factor, inv)
+  smooth = (old / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old / high) & (wavelen <= old / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions_bt: Array) -> tuple[Array, Array]:
+  freqs_btk = positions_bt.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)[None, None, :]
+  emb_btd = jnp.concatenate([freqs_btk, freqs_btk], axis=-1)  # HF rotate_half layout
+  return jnp.cos(emb_btd), jnp.sin(emb_btd)
+
+
+def _apply_rope(x_bthd: Array, cos_btd: Array, sin_btd: Array) -> Array:
+  x = x_bthd.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return (x * cos_btd[:, :, None, :] + rot * sin_btd[:, :, None, :]).astype(x_bthd.dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_btd: Array, cos_btd: Array, sin_btd: Array, bias_bts: Array,
+               kv_cache: tuple[Array, Array] | None, cache_index: Array | None):
+    cfg = self.cfg
+    d, h, k, dh, dt, pdt = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.dtype,
+                            cfg.param_dtype)
+    init = nn.initializers.normal(0.02)
+
+    def proj(name, heads, axes):
+      w = _param(self, f"{name}_kernel", (d, heads, dh), ("embed", axes, "head_dim"), init, pdt)
+      y = jnp.einsum("btd,dhk->bthk", x_btd, w.astype(dt))
+      if cfg.qkv_bias:
+        y = y + _param(self, f"{name}_bias", (heads, dh), (axes, "head_dim"), nn.initializers.zeros,
+                       pdt).astype(dt)
+      return y
+
+    q_bthk, k_btgk, v_btgk = proj("q", h, "heads"), proj("k", k, "kv_heads"), proj("v", k, "kv_heads")
+    if cfg.qk_norm:
+      q_bthk = RMSNorm(dh, cfg.rms_norm_eps, pdt, "head_dim", name="q_norm")(q_bthk)
+      k_btgk = RMSNorm(dh, cfg.rms_norm_eps, pdt, "head_dim", name="k_norm")(k_btgk)
+    q_bthk = _apply_rope(q_bthk, cos_btd, sin_btd)
+    k_btgk = _apply_rope(k_btgk, cos_btd, sin_btd)
+
+    new_cache = None
+    if kv_cache is not None:
+      ck_bsgk, cv_bsgk = kv_cache
+      ck_bsgk = jax.lax.dynamic_update_slice_in_dim(ck_bsgk, k_btgk.astype(ck_bsgk.dtype), cache_index, 1)
+      cv_bsgk = jax.lax.dynamic_update_slice_in_dim(cv_bsgk, v_btgk.astype(cv_bsgk.dtype), cache_index, 1)
+      new_cache = (ck_bsgk, cv_bsgk)
+      k_btgk, v_btgk = ck_bsgk.astype(dt), cv_bsgk.astype(dt)
+
+    b, t = q_bthk.shape[:2]
+    q_btgrk = q_bthk.reshape(b, t, k, h // k, dh)  # query heads grouped by their kv head
+    scores = jnp.einsum("btgrk,bsgk->bgrts", q_btgrk, k_btgk, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(dh) + bias_bts[:, None, None, :, :]
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # softmax in float32
+    out_btgrk = jnp.einsum("bgrts,bsgk->btgrk", probs, v_btgk)
+    out_bthk = out_btgrk.reshape(b, t, h, dh)
+    wo = _param(self, "o_kernel", (h, dh, d), ("heads", "head_dim", "embed"), init, pdt)
+    y_btd = jnp.einsum("bthk,hkd->btd", out_bthk, wo.astype(dt))
+    if cfg.o_bias:
+      y_btd = y_btd + _param(self, "o_bias", (d,), ("embed",), nn.initializers.zeros, pdt).astype(dt)
+    return y_btd, new_cache
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_btd: Array) -> Array:
+    cfg = self.cfg
+    d, f, dt, pdt = cfg.hidden_size, cfg.intermediate_size, cfg.dtype, cfg.param_dtype
+    init = nn.initializers.normal(0.02)
+    wg = _param(self, "gate_kernel", (d, f), ("embed", "mlp"), init, pdt)
+    wu = _param(self, "up_kernel", (d, f), ("embed", "mlp"), init, pdt)
+    wd = _param(self, "down_kernel", (f, d), ("mlp", "embed"), init, pdt)
+    g_btf = jnp.einsum("btd,df->btf", x_btd, wg.astype(dt))
+    u_btf = jnp.einsum("btd,df->btf", x_btd, wu.astype(dt))
+    return jnp.einsum("btf,fd->btd", nn.silu(g_btf) * u_btf, wd.astype(dt))
+
+
+class Block(nn.Module):
+  """One pre-norm decoder layer; scanned over layers (carry: hidden; xs: this layer's KV cache)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_btd: Array, layer_cache, cos_btd, sin_btd, bias_bts, cache_index):
+    cfg = self.cfg
+    kv = layer_cache if layer_cache else None
+    h_btd = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype, name="input_norm")(x_btd)
+    a_btd, new_kv = Attention(cfg, name="attn")(h_btd, cos_btd, sin_btd, bias_bts, kv, cache_index)
+    x_btd = x_btd + a_btd
+    h_btd = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype, name="post_attn_norm")(x_btd)
+    x_btd = x_btd + MLP(cfg, name="mlp")(h_btd)
+    return x_btd, (new_kv if new_kv is not None else ())
+
+
+class Decoder(nn.Module):
+  """Embedding -> scanned blocks -> final norm. Returns final hidden states [B, T, D] (compute dtype)."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = self.param("embed", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                  ("vocab", "embed")),
+                            (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype)
+    block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+    self.layers = nn.scan(
+        block, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+    self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype, name="final_norm")
+    if not cfg.tie_word_embeddings:
+      self.lm_head = self.param("lm_head", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                        ("embed", "vocab")),
+                                (cfg.hidden_size, cfg.vocab_size), cfg.param_dtype)
+
+  def __call__(self, tokens_bt: Array, positions_bt: Array, bias_bts: Array,
+               cache_kv: tuple[Array, Array] | tuple = (), cache_index: Array | None = None):
+    cfg = self.cfg
+    x_btd = jnp.take(self.embed, tokens_bt, axis=0).astype(cfg.dtype)
+    cos_btd, sin_btd = rope_cos_sin(cfg, positions_bt)
+    x_btd, new_cache = self.layers(x_btd, cache_kv, cos_btd, sin_btd, bias_bts, cache_index)
+    return self.final_norm(x_btd), new_cache
+
+  def unembedding(self) -> Array:
+    return self.embed.T if self.cfg.tie_word_embeddings else self.lm_head
+
+  def init_all(self, tokens_bt: Array):
+    positions = jnp.zeros_like(tokens_bt)
+    bias = jnp.zeros(tokens_bt.shape + tokens_bt.shape[-1:], jnp.float32)
+    h, _ = self(tokens_bt, positions, bias)
+    return h, self.unembedding()
