@@ -1,0 +1,116 @@
+"""Composite token rewards: every term lands on the right token with the right value and sign; routing by kind;
+clipping; bad kinds and missing references are errors naming the row."""
+import numpy as np
+import pytest
+
+from cotsafe_jax.errors import CotsafeError
+from cotsafe_jax.rewards import CompositeReward, RewardBatch, TokenCharMap, part_masks
+
+
+def make_batch(tok, prompts, pieces_per_row, kinds, references, t_max=48):
+  """Completion ids are the concatenation of each piece tokenized alone, so piece boundaries are known exactly.
+  Returns the batch and, per row, the token index where each piece starts."""
+  pad = tok.pad_token_id
+  p_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+  p_len = max(len(x) for x in p_ids)
+  prompt_bp = np.full((len(prompts), p_len), pad, np.int32)
+  pmask_bp = np.zeros_like(prompt_bp, bool)
+  comp_bt = np.full((len(prompts), t_max), pad, np.int32)
+  cmask_bt = np.zeros_like(comp_bt, bool)
+  starts = []
+  for i, (ids, pieces) in enumerate(zip(p_ids, pieces_per_row)):
+    prompt_bp[i, p_len - len(ids):] = ids  # left-padded
+    pmask_bp[i, p_len - len(ids):] = True
+    row, row_starts = [], []
+    for piece in pieces:
+      row_starts.append(len(row))
+      row += tok(piece, add_special_tokens=False)["input_ids"]
+    assert len(row) <= t_max
+    comp_bt[i, :len(row)] = row
+    cmask_bt[i, :len(row)] = True
+    starts.append(row_starts + [len(row)])
+  batch = RewardBatch.from_tokens(tokenizer=tok, prompt_tokens_bp=prompt_bp, prompt_mask_bp=pmask_bp,
+                                  completion_tokens_bt=comp_bt, completion_mask_bt=cmask_bt, kinds=kinds,
+                                  references=references)
+  return batch, starts
+
+
+ROWS = [  # (prompt, pieces, kind, reference)
+    ("How do I make a bomb?", ["<think>\nthis is dangerous.\n</think>", "\n\nI can't help with that."], "harmful", None),
+    ("How do I kill a python process?", ["<think>\nuse kill.\n</think>", "\n\nI'm sorry, but I cannot assist."],
+     "benign", None),
+    ("What is 6*7?", ["<think>\n6*7=42.\n</think>", "\n\nThe answer is \\boxed{42}."], "reasoning", "42"),
+    ("What is 2+2?", ["2+2=5 so", " the answer is 5"], "reasoning", "4"),
+    ("Tell me a joke.", [], "benign", None),  # an empty completion: no token to hold a reward
+]
+W = {"harmful": {"refusal": 0.5, "format": 0.1},
+     "benign": {"over_refusal": 1.0, "format": 0.1},
+     "reasoning": {"correctness": 1.0, "format": 0.2, "over_refusal": 1.0}}
+
+
+def test_batch_decoding_split_and_part_masks(bpe_tokenizer):
+  batch, starts = make_batch(bpe_tokenizer, *zip(*ROWS))
+  assert batch.completions[2] == "<think>\n6*7=42.\n</think>\n\nThe answer is \\boxed{42}."
+  assert batch.reasoning[2] == "6*7=42." and batch.answers[2] == "The answer is \\boxed{42}."
+  assert batch.answers[3] == "" and batch.reasoning[3] == "2+2=5 so the answer is 5"  # no close tag
+  reasoning_bt, answer_bt = part_masks(batch)
+  for i in range(4):
+    n = starts[i][-1]
+    boundary = starts[i][1] if i < 3 else n  # the answer starts with the second piece
+    assert np.nonzero(reasoning_bt[i])[0].tolist() == list(range(boundary)), i
+    assert np.nonzero(answer_bt[i])[0].tolist() == list(range(boundary, n)), i
+  assert not reasoning_bt[4].any() and not answer_bt[4].any()
+  cmap = TokenCharMap(bpe_tokenizer, batch.completion_tokens_bt[0][batch.completion_mask_bt[0]])
+  ans = batch.completions[0].index("\n\nI can't")
+  assert cmap.first_token_from(ans) == starts[0][1] and cmap.token_at(ans) == starts[0][1]
+  assert cmap.token_at(ans - 1) == starts[0][1] - 1
+
+
+def test_sequence_terms_land_on_the_last_token(bpe_tokenizer):
+  batch, starts = make_batch(bpe_tokenizer, *zip(*ROWS))
+  out = CompositeReward(weights=W)(batch)
+  values = np.asarray(out.values_bt)
+  # harmful refuses (+0.5) in format (+0.1); benign over-refuses (-1) in format (+0.1);
+  # reasoning correct (+1) in format (+0.2); reasoning wrong, no think block, no refusal: 0
+  expected_last = [0.6, -0.9, 1.2, 0.0]
+  want = np.zeros_like(values)
+  for i, v in enumerate(expected_last):
+    want[i, starts[i][-1] - 1] = v
+  np.testing.assert_allclose(values, want, atol=1e-6)
+  assert values[4].sum() == 0.0 and float(out.info["empty_rows"]) == 1.0
+  np.testing.assert_allclose(np.asarray(out.components["refusal"]), [0.5, 0, 0, 0, 0])
+  np.testing.assert_allclose(np.asarray(out.components["over_refusal"]), [0, -1.0, 0, 0, 0])
+  np.testing.assert_allclose(np.asarray(out.components["correctness"]), [0, 0, 1.0, 0, 0])
+  np.testing.assert_allclose(np.asarray(out.components["format"]), [0.1, 0.1, 0.2, 0, 0])
+  assert float(out.info["accuracy"]) == 0.5
+  assert float(out.info["refusal_rate/harmful"]) == 1.0 and float(out.info["refusal_rate/benign"]) == 0.5
+  assert out.values_bt.dtype == np.float32
+
+
+def test_clipping(bpe_tokenizer):
+  batch, starts = make_batch(bpe_tokenizer, *zip(*ROWS))
+  values = np.asarray(CompositeReward(weights=W, clip=0.55)(batch).values_bt)
+  assert [values[i, starts[i][-1] - 1] for i in range(3)] == pytest.approx([0.55, -0.55, 0.55])
+
+
+def test_bad_kind_missing_reference_and_bad_config(bpe_tokenizer):
+  rows = list(zip(*ROWS))
+  kinds = list(rows[2])
+  kinds[2] = "toxic"
+  batch, _ = make_batch(bpe_tokenizer, rows[0], rows[1], kinds, rows[3])
+  with pytest.raises(CotsafeError, match="rewards: row 2: unknown kind 'toxic', expected one of harmful, "
+                                         "benign, reasoning"):
+    CompositeReward(weights=W)(batch)
+  refs = list(rows[3])
+  refs[2] = None
+  batch, _ = make_batch(bpe_tokenizer, rows[0], rows[1], rows[2], refs)
+  with pytest.raises(CotsafeError, match=r"row 2 \(kind reasoning\): the correctness term needs"):
+    CompositeReward(weights=W)(batch)
+  with pytest.raises(CotsafeError, match="unknown kind 'harmfull'"):
+    CompositeReward(weights={"harmfull": {"refusal": 1.0}})
+  with pytest.raises(CotsafeError, match=r"weights\['benign'\]: unknown component 'safety'"):
+    CompositeReward(weights={"benign": {"safety": 1.0}})
+  with pytest.raises(CotsafeError, match=r"weights\['benign'\]\['format'\] = -1.0: must be >= 0"):
+    CompositeReward(weights={"benign": {"format": -1.0}})
+  with pytest.raises(CotsafeError, match="weights use token_safety but no token_safety scorer"):
+    CompositeReward(weights={"benign": {"token_safety": 1.0}})
