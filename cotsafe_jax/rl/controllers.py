@@ -1,0 +1,109 @@
+"""Coefficient controllers as pure (state, update) pairs: adaptive KL beta, Lagrangian safety lambda.
+
+States are flax.struct dataclasses of jax scalars, so they jit and checkpoint with the train state.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from cotsafe_jax.errors import CotsafeError
+
+
+@struct.dataclass
+class KLControllerState:
+  beta: jax.Array  # float32 scalar
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdaptiveKLConfig:
+  """beta for KL(pi || ref). target=None keeps beta fixed at init_beta.
+
+  Adaptive (Ziegler et al. 2019, TRL's AdaptiveKLController):
+    e = clip(kl / target - 1, -0.2, 0.2);   beta <- beta * (1 + e * n_steps / horizon)
+  kl is the batch mean of per-sequence KL; n_steps the samples in the batch.
+  """
+  init_beta: float = 0.05
+  target: float | None = None
+  horizon: float = 10_000.0
+
+  def __post_init__(self):
+    if self.init_beta < 0.0:
+      raise CotsafeError(f"AdaptiveKLConfig: init_beta={self.init_beta} must be >= 0")
+    if self.target is not None and not self.target > 0.0:
+      raise CotsafeError(f"AdaptiveKLConfig: target={self.target} must be > 0 (or None for a fixed beta)")
+    if not self.horizon > 0.0:
+      raise CotsafeError(f"AdaptiveKLConfig: horizon={self.horizon} must be > 0")
+
+
+def init_kl_controller(cfg: AdaptiveKLConfig) -> KLControllerState:
+  return KLControllerState(beta=jnp.asarray(cfg.init_beta, jnp.float32))
+
+
+def update_kl_controller(cfg: AdaptiveKLConfig, state: KLControllerState, *, current_kl,
+                         n_steps) -> KLControllerState:
+  """One controller step after a batch with mean sequence KL `current_kl` over `n_steps` samples."""
+  if cfg.target is None:
+    return state
+  error = jnp.clip(jnp.asarray(current_kl, jnp.float32) / cfg.target - 1.0, -0.2, 0.2)
+  mult = 1.0 + error * jnp.asarray(n_steps, jnp.float32) / cfg.horizon
+  return KLControllerState(beta=state.beta * mult)
+
+
+@struct.dataclass
+class LagrangianState:
+  lam: jax.Array        # float32 scalar, in [0, max_lambda]
+  cost_ema: jax.Array   # float32 scalar: running unsafe-token rate
+  num_updates: jax.Array  # int32 scalar
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LagrangianConfig:
+  """Safety budget by a Lagrange multiplier on the token-level cost (PPO-Lag, Safe RLHF).
+
+  The reward carries -lam * unsafe_t. Dual ascent on the running cost:
+    ema <- decay * ema + (1 - decay) * rate    (ema = rate on the first update)
+    lam <- clip(lam + lr * (ema - target_rate), 0, max_lambda)
+  so lam rises while the unsafe-token rate is over budget and decays back to 0 below it.
+  """
+  target_rate: float
+  lr: float = 0.05
+  init_lambda: float = 0.0
+  max_lambda: float = 10.0
+  ema_decay: float = 0.9
+
+  def __post_init__(self):
+    if not 0.0 <= self.target_rate <= 1.0:
+      raise CotsafeError(f"LagrangianConfig: target_rate={self.target_rate} must be in [0, 1] "
+                         "(a fraction of unsafe tokens)")
+    if not self.lr > 0.0:
+      raise CotsafeError(f"LagrangianConfig: lr={self.lr} must be > 0")
+    if not self.max_lambda > 0.0 or not 0.0 <= self.init_lambda <= self.max_lambda:
+      raise CotsafeError(f"LagrangianConfig: need 0 <= init_lambda={self.init_lambda} <= "
+                         f"max_lambda={self.max_lambda} and max_lambda > 0")
+    if not 0.0 <= self.ema_decay < 1.0:
+      raise CotsafeError(f"LagrangianConfig: ema_decay={self.ema_decay} must be in [0, 1)")
+
+
+def init_lagrangian(cfg: LagrangianConfig) -> LagrangianState:
+  return LagrangianState(lam=jnp.asarray(cfg.init_lambda, jnp.float32),
+                         cost_ema=jnp.zeros((), jnp.float32), num_updates=jnp.zeros((), jnp.int32))
+
+
+def update_lagrangian(cfg: LagrangianConfig, state: LagrangianState, *,
+                      unsafe_rate) -> LagrangianState:
+  """One dual step after a batch whose fraction of unsafe valid tokens is `unsafe_rate`."""
+  rate = jnp.asarray(unsafe_rate, jnp.float32)
+  ema = jnp.where(state.num_updates == 0, rate,
+                  cfg.ema_decay * state.cost_ema + (1.0 - cfg.ema_decay) * rate)
+  lam = jnp.clip(state.lam + cfg.lr * (ema - cfg.target_rate), 0.0, cfg.max_lambda)
+  return LagrangianState(lam=lam, cost_ema=ema, num_updates=state.num_updates + 1)
+
+
+def unsafe_token_rate(unsafe_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
+  """Fraction of valid tokens flagged unsafe (unsafe_bt in [0, 1]): the Lagrangian's observation."""
+  mask_bt = jnp.asarray(mask_bt, jnp.float32)
+  return jnp.sum(jnp.asarray(unsafe_bt, jnp.float32) * mask_bt) / jnp.maximum(jnp.sum(mask_bt), 1.0)
