@@ -1,0 +1,100 @@
+"""The jobs gin can select (`run.job = @model_info`) and the gin registration of library callables.
+
+This is the only module of the package that imports gin: library functions take typed arguments.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cotsafe_jax import models, parallel
+from cotsafe_jax.errors import CotsafeError
+
+gin.external_configurable(models.ModelConfig, "ModelConfig")
+gin.external_configurable(models.tiny_config, "tiny_config")
+gin.external_configurable(parallel.make_mesh, "make_mesh")
+
+
+def _write_json(path: str, obj: Any) -> None:
+  if parallel.is_main_process():
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _human(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if abs(n) < 1024 or unit == "TiB":
+      return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    n /= 1024
+  return str(n)
+
+
+@gin.configurable
+def model_info(*, workdir: str, model: models.ModelConfig | None = None, hf_dir: str | None = None,
+               mesh: Any = None, dtype: str = "bfloat16") -> dict[str, Any]:
+  """Parameter count and bytes per device under the mesh, for an HF dir or a gin model config."""
+  if (model is None) == (hf_dir is None):
+    raise CotsafeError("model_info: set exactly one of model_info.model (a gin ModelConfig) or "
+                       "model_info.hf_dir (a local HF checkpoint dir)")
+  cfg = models.ModelConfig.from_hf(hf_dir) if hf_dir else model
+  cfg = cfg.replace(param_dtype=jnp.dtype(dtype))
+  mesh = mesh if mesh is not None else parallel.make_mesh()
+  shapes = models.param_shapes(cfg)
+  shardings = models.param_shardings(cfg, mesh)
+  itemsize = jnp.dtype(dtype).itemsize
+  per_device = sum(int(np.prod(s.shard_shape(x.shape))) for x, s in
+                   zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  info = {
+      "model_type": cfg.model_type, "source": hf_dir or "gin", "num_params": count,
+      "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+      "mesh": dict(mesh.shape), "dtype": jnp.dtype(dtype).name,
+      "param_bytes_total": count * itemsize, "param_bytes_per_device": per_device * itemsize,
+      # float32 master params + AdamW's two float32 moments, sharded like the params
+      "train_state_bytes_per_device": per_device * (itemsize + 4 + 8),
+  }
+  if parallel.is_main_process():
+    print(f"model_info: {cfg.model_type} from {info['source']}")
+    print(f"  parameters          {count:,}")
+    print(f"  mesh                {info['mesh']} ({mesh.size} devices)")
+    print(f"  params ({info['dtype']})    {_human(info['param_bytes_total'])} total, "
+          f"{_human(info['param_bytes_per_device'])} per device")
+    print(f"  train state         {_human(info['train_state_bytes_per_device'])} per device "
+          "(params + float32 master + AdamW moments)")
+  _write_json(os.path.join(workdir, "model_info.json"), info)
+  return info
+
+
+@gin.configurable
+def export_hf(*, workdir: str, hf_dir: str = gin.REQUIRED, out_dir: str | None = None,
+              dtype: str = "bfloat16", mesh: Any = None, tokenizer_dir: str | None = None) -> str:
+  """Load an HF dir (sharded over the mesh), cast to `dtype`, save an HF dir (with its tokenizer)."""
+  out_dir = out_dir or os.path.join(workdir, "hf_export")
+  cfg, params = models.load_hf(hf_dir, dtype=jnp.dtype(dtype), mesh=mesh)
+  tok_dir = tokenizer_dir or hf_dir
+  tokenizer = None
+  if any(os.path.exists(os.path.join(tok_dir, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
+    tokenizer = models.load_tokenizer(tok_dir, model_vocab_size=cfg.vocab_size)
+  elif tokenizer_dir:
+    raise CotsafeError(f"{tokenizer_dir}: no tokenizer.json or tokenizer_config.json")
+  models.save_hf(cfg, params, out_dir, tokenizer=tokenizer)
+  if parallel.is_main_process():
+    print(f"export_hf: {hf_dir} -> {out_dir} ({jnp.dtype(dtype).name}, {cfg.num_params:,} params)")
+  return out_dir
+
+
+@gin.configurable
+def run(*, job: Callable[..., Any] = gin.REQUIRED, workdir: str | None = None) -> Any:
+  """The launcher's entry: runs the bound job in `workdir`."""
+  if workdir is None:
+    raise CotsafeError("no workdir: pass --workdir=... or bind run.workdir in gin")
+  os.makedirs(workdir, exist_ok=True)
+  return job(workdir=workdir)
