@@ -1,0 +1,164 @@
+"""Metric writers for a job's workdir: metrics.jsonl, TensorBoard events, tqdm progress, samples.
+
+Only the main process writes; on resume, metrics.jsonl rows after the resumed step are dropped.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+import tqdm
+from tensorboardX import SummaryWriter
+
+from cotsafe_jax.errors import CotsafeError
+
+
+def _to_float(name: str, value: Any) -> float:
+  arr = np.asarray(value)
+  if arr.size != 1 or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+    raise CotsafeError(f"MetricLogger: metric {name!r} must be a numeric scalar, got "
+                       f"{arr.dtype} of shape {arr.shape}")
+  return float(arr.reshape(()))
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    return _jsonable(np.asarray(value).tolist())
+  if isinstance(value, float) and not math.isfinite(value):
+    return None  # strict JSON has no NaN / Infinity
+  return value
+
+
+def truncate_metrics(path: str, *, last_step: int) -> int:
+  """Keep the rows of a metrics.jsonl with step <= last_step (atomic rewrite); returns rows kept.
+
+  A torn last line (a crash mid-write) is dropped; a bad line elsewhere is an error.
+  """
+  with open(path) as f:
+    lines = f.read().splitlines()
+  kept = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      step = int(row["step"])
+    except (ValueError, KeyError, TypeError) as e:
+      if i == len(lines) - 1:
+        break
+      raise CotsafeError(f"{path}:{i + 1}: not a metrics row with an integer 'step' ({e})") from e
+    if step <= last_step:
+      kept.append(line)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write("".join(line + "\n" for line in kept))
+  os.replace(tmp, path)
+  return len(kept)
+
+
+class MetricLogger:
+  """Per-step metrics to metrics.jsonl (+ TensorBoard, + a tqdm bar with ETA) under workdir.
+
+  resume_step: None for a fresh run (an old metrics.jsonl is replaced); S when resuming from a
+  checkpoint taken after step S was logged: rows with step > S are dropped and TensorBoard
+  events from step S+1 on are purged, so the files match an uninterrupted run's.
+
+  Time phases: `with logger.phase("rollout"): ...` adds the host wall time to `time/rollout_s` of
+  the next `write`; block on the phase's outputs inside it (jax dispatch is asynchronous).
+  `add_tokens(n)` counts tokens for `perf/tokens_per_s` = tokens / wall time since the last write.
+  """
+
+  def __init__(self, workdir: str, *, total_steps: int, is_main: bool | None = None,
+               tensorboard: bool = True, resume_step: int | None = None,
+               postfix_keys: Sequence[str] = ()):
+    self.workdir = workdir
+    self.is_main = (jax.process_index() == 0) if is_main is None else is_main
+    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+    self.samples_dir = os.path.join(workdir, "samples")
+    self._postfix_keys = tuple(postfix_keys)
+    self._phases: dict[str, float] = {}
+    self._tokens = 0
+    self._last_write = time.perf_counter()
+    self._file = self._tb = self._bar = None
+    if not self.is_main:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    if resume_step is not None and os.path.exists(self.metrics_path):
+      truncate_metrics(self.metrics_path, last_step=resume_step)
+      self._file = open(self.metrics_path, "a")
+    else:
+      self._file = open(self.metrics_path, "w")
+    if tensorboard:
+      purge = None if resume_step is None else resume_step + 1
+      self._tb = SummaryWriter(logdir=workdir, purge_step=purge, flush_secs=30)
+    self._bar = tqdm.tqdm(total=total_steps, initial=resume_step or 0, dynamic_ncols=True,
+                          desc="train")
+
+  @contextlib.contextmanager
+  def phase(self, name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._phases[name] = self._phases.get(name, 0.0) + time.perf_counter() - start
+
+  def add_tokens(self, n: int) -> None:
+    self._tokens += int(n)
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Log one step: named scalars plus the step's phase times and throughput. Returns the row."""
+    now = time.perf_counter()
+    row = {name: _to_float(name, v) for name, v in metrics.items()}
+    step_s = now - self._last_write
+    row["time/step_s"] = step_s
+    for name, secs in self._phases.items():
+      row[f"time/{name}_s"] = secs
+    if self._tokens:
+      row["perf/tokens_per_s"] = self._tokens / max(step_s, 1e-9)
+    self._phases, self._tokens, self._last_write = {}, 0, now
+    if self.is_main:
+      self._file.write(json.dumps({"step": int(step), **_jsonable(row)}) + "\n")
+      self._file.flush()
+      if self._tb is not None:
+        for name, v in row.items():
+          self._tb.add_scalar(name, v, global_step=int(step))
+      self._bar.update(max(0, int(step) - self._bar.n))
+      if self._postfix_keys:
+        self._bar.set_postfix({k: f"{row[k]:.4g}" for k in self._postfix_keys if k in row})
+    return row
+
+  def write_samples(self, step: int, rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """Write rows (dicts of JSON-able values, arrays allowed) to samples/step_{step}.jsonl."""
+    if not self.is_main:
+      return None
+    os.makedirs(self.samples_dir, exist_ok=True)
+    path = os.path.join(self.samples_dir, f"step_{int(step)}.jsonl")
+    with open(path, "w") as f:
+      for row in rows:
+        f.write(json.dumps(_jsonable(dict(row)), ensure_ascii=False) + "\n")
+    return path
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+    if self._file is not None:
+      self._file.close()
+    if self._bar is not None:
+      self._bar.close()
+    self._file = self._tb = self._bar = None
+
+  def __enter__(self) -> "MetricLogger":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
