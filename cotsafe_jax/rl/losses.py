@@ -1,11 +1,6 @@
 """PPO losses: clipped surrogate (clip-higher, dual-clip), clipped value loss, entropy bonus.
 
 Losses are frozen keyword-only dataclasses called on [B, T] arrays; all maths in float32.
-
-Aggregation divides by counts of the *global* batch passed in (`num_tokens`, `num_seqs`, see
-`loss_normalizers`), so a loss over a microbatch or a data-parallel shard is that part's share:
-summing the parts gives exactly the full-batch loss. Every token metric is normalised the same
-way and sums the same way; only `explained_variance` is a statistic of the rows it was given.
 """
 from __future__ import annotations
 
@@ -43,7 +38,10 @@ def _check_agg(where: str, agg: str) -> None:
 def loss_normalizers(mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(num_tokens, num_seqs) of a whole batch: valid tokens, and rows with at least one valid token.
 
-  Compute these once on the full (global) batch and pass them to every microbatch's loss.
+  Compute these once on the full (global) batch and pass them to every microbatch's loss: a
+  loss over a microbatch or a data-parallel shard is then that part's share, and the parts sum
+  to exactly the full-batch loss. Every token metric is normalised the same way and sums the
+  same way; only `explained_variance` is a statistic of the rows it was given.
   """
   mask_bt = _f32(mask_bt)
   num_tokens = jnp.sum(mask_bt)
