@@ -167,30 +167,33 @@ def test_aggregate_matches_loop_and_empty_batch(agg):
   assert float(rl.aggregate(x, zeros, agg=agg, num_tokens=0.0, num_seqs=0.0)) == 0.0
 
 
-@pytest.mark.parametrize("agg", AGGS)
-def test_microbatch_sums_equal_full_batch(agg):
+def test_microbatch_sums_equal_full_batch():
   logp, old, adv, ent = _inputs(6)
   rng = np.random.default_rng(7)
   ret, v_old = rng.normal(size=(2, B, T)).astype(np.float32)
   v = v_old + rng.normal(scale=0.4, size=(B, T)).astype(np.float32)
   ref = logp + rng.normal(scale=0.3, size=(B, T)).astype(np.float32)
   n_tok, n_seq = rl.loss_normalizers(MASK)
-  pol = rl.PolicyLoss(clip_high=0.28, entropy_coef=0.02, agg=agg)
-  val = rl.ValueLoss(agg=agg)
 
   @jax.jit
   @functools.partial(jax.value_and_grad, has_aux=True)
   def losses(logp_, old_, adv_, ent_, v_, v_old_, ret_, ref_, mask_):
-    # (sum of the three losses, its gradient wrt logp); the metrics ride along as a stack
+    # every aggregation mode in one compile: [agg, (policy, value, kl, 3 token metrics)]
     c = dict(mask_bt=mask_, num_tokens=n_tok, num_seqs=n_seq)
-    pl, pm = pol(logp_bt=logp_, old_logp_bt=old_, advantages_bt=adv_, entropy_bt=ent_, **c)
-    vl, _ = val(values_bt=v_, old_values_bt=v_old_, returns_bt=ret_, **c)
-    kl, _ = rl.kl_loss(logp_, ref_, kind="k3", agg=agg, **c)
-    parts = jnp.stack([pl, vl, kl, pm["clipfrac_upper"], pm["approx_kl"], pm["entropy"]])
-    return jnp.sum(parts[:3]), parts
+    rows = []
+    for agg in AGGS:
+      pol = rl.PolicyLoss(clip_high=0.28, entropy_coef=0.02, agg=agg)
+      pl, pm = pol(logp_bt=logp_, old_logp_bt=old_, advantages_bt=adv_, entropy_bt=ent_, **c)
+      vl, _ = rl.ValueLoss(agg=agg)(values_bt=v_, old_values_bt=v_old_, returns_bt=ret_, **c)
+      kl, _ = rl.kl_loss(logp_, ref_, kind="k3", agg=agg, **c)
+      rows.append(jnp.stack([pl, vl, kl, pm["clipfrac_upper"], pm["approx_kl"], pm["entropy"]]))
+    parts = jnp.stack(rows)
+    # distinct weights per mode so one mode's gradient error cannot hide behind another's
+    return jnp.sum(parts[:, :3] * jnp.array([[1.0], [10.0], [100.0]])), parts
 
   arrays = (logp, old, adv, ent, v, v_old, ret, ref, MASK)
   (_, full), g_full = _with_aux(losses, arrays, slice(0, B))
+  assert np.all(np.abs(full[:, :3]) > 1e-3)
   parts = [slice(0, 2), slice(2, 3), slice(3, B)]  # uneven microbatches, one of them with an empty row
   outs = [_with_aux(losses, arrays, sl) for sl in parts]
   np.testing.assert_allclose(sum(o[0][1] for o in outs), full, rtol=1e-6, atol=1e-7)
