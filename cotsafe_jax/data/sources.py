@@ -1,0 +1,425 @@
+"""Local prompt / SFT / safety-span rows from jsonl, json, csv, tsv, parquet, `datasets` dirs and tfds.
+
+A `columns` map (or a named preset for a public set) renames source fields to ours; every row is validated.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import sys
+from typing import Any, Iterator, Mapping
+
+from cotsafe_jax.errors import CotsafeError
+
+KINDS = ("harmful", "benign", "reasoning")
+SCHEMAS = ("prompts", "sft", "spans")
+ROLES = ("system", "user", "assistant")
+_LABELS = ("safe", "unsafe")
+_FORMATS = ".jsonl, .json, .csv, .tsv, .parquet, a datasets save_to_disk dir, a prepared tfds dir or tfds:NAME"
+_log = logging.getLogger(__name__)
+_WS = re.compile(r"\s*")
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnPreset:
+  """How a published set's fields become ours."""
+  columns: Mapping[str, str]              # source field -> our field
+  schema: str = "prompts"
+  kind: str | None = None                 # kind of rows that carry no kind of their own
+  kind_from: str | None = None            # source field whose value gives the kind through kind_values
+  kind_values: Mapping[str, str] | None = None
+  answer_after: str | None = None         # the reference answer is the text after this marker
+
+
+PRESETS: dict[str, ColumnPreset] = {
+    "strongreject": ColumnPreset({"forbidden_prompt": "prompt", "category": "category"}, kind="harmful"),
+    "jailbreakbench": ColumnPreset({"Goal": "prompt", "Category": "category", "Index": "id"}, kind="harmful"),
+    "wildjailbreak": ColumnPreset(
+        {"adversarial": "prompt"}, kind="harmful", kind_from="data_type",
+        kind_values={"adversarial_harmful": "harmful", "adversarial_benign": "benign",
+                     "vanilla_harmful": "harmful", "vanilla_benign": "benign"}),
+    "xstest": ColumnPreset({"prompt": "prompt", "type": "category", "id": "id"}, kind_from="label",
+                           kind_values={"safe": "benign", "unsafe": "harmful"}),
+    "gsm8k": ColumnPreset({"question": "prompt", "answer": "answer"}, kind="reasoning", answer_after="####"),
+    "math500": ColumnPreset({"problem": "prompt", "answer": "answer", "subject": "category", "unique_id": "id"},
+                            kind="reasoning"),
+    "aime": ColumnPreset({"problem": "prompt", "answer": "answer", "id": "id"}, kind="reasoning"),
+    "star1": ColumnPreset({"question": "prompt", "response": "response", "category": "category", "id": "id"},
+                          schema="sft"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+  """Validated rows of one source, with how many bad rows were skipped (on_bad_row='skip')."""
+  rows: list[dict[str, Any]]
+  num_skipped: int
+  source: str
+  skipped: tuple[str, ...] = ()  # the first few reasons, for the log
+
+
+class _BadRow(Exception):
+  def __init__(self, what: str, expected: str):
+    super().__init__(f"{what}, expected {expected}")
+
+
+# ---- readers: yield (line, raw row or _BadRow) ---------------------------------------------------------
+def _jsonl(path: str) -> Iterator[tuple[int, Any]]:
+  with open(path, encoding="utf-8-sig") as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        yield line_no, json.loads(line)
+      except json.JSONDecodeError as e:
+        yield line_no, _BadRow(f"invalid JSON ({e.msg} at column {e.colno})", "one JSON object per line")
+
+
+def _json(path: str) -> Iterator[tuple[int, Any]]:
+  with open(path, encoding="utf-8-sig") as f:
+    text = f.read()
+  pos = _WS.match(text).end()
+  if not text.startswith("[", pos):  # `datasets` writes .json files as JSON lines
+    yield from _jsonl(path)
+    return
+  decoder, pos = json.JSONDecoder(), _WS.match(text, pos + 1).end()
+  line, counted = 1, 0
+  while not text.startswith("]", pos):
+    line, counted = line + text.count("\n", counted, pos), pos
+    try:
+      obj, pos = decoder.raw_decode(text, pos)
+    except json.JSONDecodeError as e:
+      raise CotsafeError(f"{path}:{e.lineno}: invalid JSON ({e.msg}), expected a JSON array of objects")
+    yield line, obj
+    pos = _WS.match(text, pos).end()
+    if text.startswith(",", pos):
+      pos = _WS.match(text, pos + 1).end()
+    elif not text.startswith("]", pos):
+      raise CotsafeError(f"{path}:{1 + text.count(chr(10), 0, pos)}: invalid JSON (no ',' or ']' after a row), "
+                         "expected a JSON array of objects")
+
+
+def _csv(path: str, delimiter: str) -> Iterator[tuple[int, Any]]:
+  csv.field_size_limit(max(csv.field_size_limit(), min(sys.maxsize, 2**31 - 1)))  # prompts can be long
+  with open(path, encoding="utf-8-sig", newline="") as f:
+    reader = csv.reader(f, delimiter=delimiter)
+    header = next(reader, None)
+    if header is None:
+      return
+    start = reader.line_num + 1
+    for cells in reader:
+      line, start = start, reader.line_num + 1
+      if not cells:
+        continue
+      if len(cells) != len(header):
+        yield line, _BadRow(f"{len(cells)} cells", f"{len(header)} (as in the header)")
+      else:
+        yield line, {k: v for k, v in zip(header, cells) if v != ""}  # an empty cell is an absent field
+
+
+def _parquet(path: str) -> Iterator[tuple[int, Any]]:
+  import pyarrow.parquet as pq
+
+  for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
+    yield i, row
+
+
+def _hf_dir(path: str, split: str | None) -> Iterator[tuple[int, Any]]:
+  import datasets
+
+  ds = datasets.load_from_disk(path)
+  if isinstance(ds, datasets.DatasetDict):
+    if split is None and len(ds) == 1:
+      split = next(iter(ds))
+    if split not in ds:
+      raise CotsafeError(f"{path}: split {split!r} not found, expected one of {sorted(ds)}")
+    ds = ds[split]
+  for i, row in enumerate(ds, 1):
+    yield i, row
+
+
+def _tfds(source: str, split: str | None, data_dir: str | None) -> Iterator[tuple[int, Any]]:
+  import tensorflow_datasets as tfds
+
+  split = split or "train"
+  try:
+    if source.startswith("tfds:"):
+      ds = tfds.data_source(source[5:], split=split, data_dir=data_dir, download=False)
+    else:
+      ds = tfds.builder_from_directory(source).as_data_source(split=split)
+  except Exception as e:  # tfds raises many types for a missing dataset / split / file format
+    raise CotsafeError(f"{source}: cannot open split {split!r} as a prepared array_record tfds dataset "
+                       f"(data_dir={data_dir}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+  for i in range(len(ds)):
+    yield i + 1, _from_numpy(ds[i])
+
+
+def _from_numpy(value: Any, *, top: bool = True) -> Any:
+  """tfds elements (bytes, numpy arrays, dicts of arrays) as plain Python values."""
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, dict):
+    out = {k: _from_numpy(v, top=False) for k, v in value.items()}
+    lists = [v for v in out.values() if isinstance(v, list)]
+    if not top and out and len(lists) == len(out) and len({len(v) for v in lists}) == 1:
+      return [dict(zip(out, vals)) for vals in zip(*out.values())]  # a tfds Sequence of dicts, e.g. messages
+    return out
+  if hasattr(value, "tolist"):
+    return _from_numpy(value.tolist(), top=False)
+  if isinstance(value, list):
+    return [_from_numpy(v, top=False) for v in value]
+  return value
+
+
+def _read(source: str, split: str | None, data_dir: str | None) -> Iterator[tuple[int, Any]]:
+  if source.startswith("tfds:"):
+    return _tfds(source, split, data_dir)
+  if os.path.isdir(source):
+    if os.path.exists(os.path.join(source, "features.json")):
+      return _tfds(source, split, data_dir)
+    if any(os.path.exists(os.path.join(source, f)) for f in ("dataset_dict.json", "state.json")):
+      return _hf_dir(source, split)
+    raise CotsafeError(f"{source}: a directory that is neither a datasets save_to_disk dir nor a prepared "
+                       f"tfds dataset, expected one of {_FORMATS}")
+  if not os.path.exists(source):
+    raise CotsafeError(f"{source}: no such file, expected one of {_FORMATS}")
+  ext = os.path.splitext(source)[1].lower()
+  readers = {".jsonl": _jsonl, ".json": _json, ".parquet": _parquet,
+             ".csv": lambda p: _csv(p, ","), ".tsv": lambda p: _csv(p, "\t")}
+  if ext not in readers:
+    raise CotsafeError(f"{source}: unknown file type {ext!r}, expected one of {_FORMATS}")
+  return readers[ext](source)
+
+
+# ---- validation: raw row -> our row, or _BadRow -----------------------------------------------------------
+def _text(row: dict, field: str, *, required: bool) -> str | None:
+  if field not in row or row[field] is None:
+    if required:
+      raise _BadRow(f'field "{field}" missing', "a string")
+    return None
+  value = row[field]
+  if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+    raise _BadRow(f'field "{field}" is a {type(value).__name__}', "a string")
+  if isinstance(value, float):
+    if not math.isfinite(value):
+      raise _BadRow(f'field "{field}" is {value}', "a string or a finite number")
+    value = int(value) if value.is_integer() else value
+  value = str(value)
+  if required and not value.strip():
+    raise _BadRow(f'field "{field}" is empty', "a non-empty string")
+  return value
+
+
+def _messages(row: dict, *, last_role: str | None, need_role: str | None) -> list[dict[str, str]]:
+  msgs = row["messages"]
+  if not isinstance(msgs, list) or not msgs:
+    raise _BadRow('field "messages" is not a non-empty list', "a list of {role, content}")
+  out = []
+  for i, m in enumerate(msgs):
+    if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+      raise _BadRow(f"messages[{i}] is {json.dumps(m, default=str)[:80]}",
+                    f"{{role: {'|'.join(ROLES)}, content: string}}")
+    out.append({"role": m["role"], "content": m["content"]})
+  if last_role is not None and out[-1]["role"] != last_role:
+    raise _BadRow(f'the last message is from "{out[-1]["role"]}"', f'the last from "{last_role}"')
+  if need_role is not None and not any(m["role"] == need_role for m in out):
+    raise _BadRow(f'no "{need_role}" message', f'at least one "{need_role}" turn')
+  return out
+
+
+def _spans(row: dict, response: str) -> list[list[int]]:
+  spans = row["unsafe_spans"]
+  if isinstance(spans, str):  # csv cells hold the list as JSON text
+    try:
+      spans = json.loads(spans)
+    except json.JSONDecodeError:
+      raise _BadRow(f'field "unsafe_spans" is {spans[:40]!r}', "a list of [start, end) character offsets")
+  if not isinstance(spans, list):
+    raise _BadRow(f'field "unsafe_spans" is a {type(spans).__name__}', "a list of [start, end) offsets")
+  clean = []
+  for span in spans:
+    ok = isinstance(span, (list, tuple)) and len(span) == 2
+    if not ok or any(isinstance(x, bool) or not isinstance(x, int) for x in span):
+      raise _BadRow(f"span {json.dumps(span, default=str)[:40]} is not two integers", "[start, end)")
+    start, end = span
+    if start > end:
+      raise _BadRow(f"span [{start}, {end}) is inverted", "start < end")
+    if start == end:
+      raise _BadRow(f"span [{start}, {end}) is empty", "start < end")
+    if start < 0 or end > len(response):
+      raise _BadRow(f"span [{start}, {end}) is out of range", f"offsets within the {len(response)}-character response")
+    clean.append([start, end])
+  merged: list[list[int]] = []
+  for start, end in sorted(clean):  # overlapping or touching spans mark the same characters: merge them
+    if merged and start <= merged[-1][1]:
+      merged[-1][1] = max(merged[-1][1], end)
+    else:
+      merged.append([start, end])
+  return merged
+
+
+def _common(row: dict, out: dict, *, kind_required: bool) -> dict:
+  for field in ("id", "category"):
+    value = _text(row, field, required=False)
+    if value is not None:
+      out[field] = value
+  kind = row.get("kind")
+  if kind is None and kind_required:
+    raise _BadRow('field "kind" missing', "|".join(KINDS))
+  if kind is not None:
+    if kind not in KINDS:
+      raise _BadRow(f'field "kind" is {json.dumps(kind, default=str)[:40]}', "|".join(KINDS))
+    out["kind"] = kind
+  return out
+
+
+def _prompt_row(row: dict) -> dict:
+  out = _common(row, {}, kind_required=True)
+  if "messages" in row and "prompt" in row:
+    raise _BadRow('both "prompt" and "messages"', "one of them")
+  if "messages" in row:
+    out["messages"] = _messages(row, last_role="user", need_role=None)
+  else:
+    if "prompt" not in row:
+      raise _BadRow('field "prompt" missing', '"prompt" or "messages"')
+    out["prompt"] = _text(row, "prompt", required=True)
+  answer = _text(row, "answer", required=False)
+  if answer is not None:
+    out["answer"] = answer
+  return out
+
+
+def _sft_row(row: dict) -> dict:
+  out = _common(row, {}, kind_required=False)
+  if "messages" in row:
+    out["messages"] = _messages(row, last_role="assistant", need_role="user")
+    return out
+  if "prompt" not in row or "response" not in row:
+    missing = "prompt" if "prompt" not in row else "response"
+    raise _BadRow(f'field "{missing}" missing', '"messages" or "prompt" + "response"')
+  out["prompt"] = _text(row, "prompt", required=True)
+  out["response"] = _text(row, "response", required=True)
+  return out
+
+
+def _span_row(row: dict) -> dict:
+  out = _common(row, {}, kind_required=False)
+  out["prompt"] = _text(row, "prompt", required=True)
+  out["response"] = response = _text(row, "response", required=True)
+  label = row.get("label")
+  if label is not None and label not in _LABELS:
+    raise _BadRow(f'field "label" is {json.dumps(label, default=str)[:40]}', "safe|unsafe")
+  if row.get("unsafe_spans") is None:
+    if label is None:
+      raise _BadRow('field "unsafe_spans" missing', 'a list of [start, end) offsets, or a "label"')
+    spans = []
+  else:
+    spans = _spans(row, response)
+  if label == "safe" and spans:
+    raise _BadRow(f'label "safe" with {len(spans)} unsafe spans', "no spans on a safe row")
+  out["unsafe_spans"] = spans
+  out["label"] = label or ("unsafe" if spans else "safe")
+  return out
+
+
+_VALIDATORS = {"prompts": _prompt_row, "sft": _sft_row, "spans": _span_row}
+
+
+def _apply_preset(row: dict, preset: ColumnPreset, default_kind: str | None) -> dict:
+  out = dict(row)
+  for src, ours in preset.columns.items():
+    if src in row:
+      value = out.pop(src)
+      out[ours] = value
+  if preset.kind_from is not None and row.get(preset.kind_from) is not None:
+    value = row[preset.kind_from]
+    if preset.kind_values is not None:
+      if value not in preset.kind_values:
+        raise _BadRow(f'field "{preset.kind_from}" is {json.dumps(value, default=str)[:40]}',
+                      "|".join(preset.kind_values))
+      value = preset.kind_values[value]
+    out["kind"] = value
+  if out.get("kind") is None and (default_kind or preset.kind) is not None:
+    out["kind"] = default_kind or preset.kind
+  if preset.answer_after is not None and isinstance(out.get("answer"), str):
+    if preset.answer_after not in out["answer"]:
+      raise _BadRow(f'field "answer" has no "{preset.answer_after}"',
+                    f'the final answer after "{preset.answer_after}"')
+    out["answer"] = out["answer"].rsplit(preset.answer_after, 1)[1].strip()
+  return out
+
+
+def _preset(columns: Mapping[str, str] | str | None, schema: str) -> ColumnPreset:
+  if isinstance(columns, str):
+    if columns not in PRESETS:
+      raise CotsafeError(f"unknown column preset {columns!r}, expected one of {', '.join(sorted(PRESETS))}")
+    preset = PRESETS[columns]
+    if preset.schema != schema:
+      raise CotsafeError(f"column preset {columns!r} is for {preset.schema} rows, not {schema} rows")
+    return preset
+  return ColumnPreset(dict(columns or {}), schema=schema)
+
+
+def load_rows(source: str, *, schema: str, columns: Mapping[str, str] | str | None = None,
+              kind: str | None = None, split: str | None = None, data_dir: str | None = None,
+              on_bad_row: str = "raise") -> Rows:
+  """Read and validate every row of `source` for `schema` (prompts | sft | spans).
+
+  columns: a {source field: our field} map or a preset name (PRESETS).  kind: the kind of rows that have
+  none.  split / data_dir: for `datasets` dirs and tfds.  on_bad_row: 'raise' stops at the first bad row
+  with "file:line: what is wrong, expected what"; 'skip' drops bad rows, counts and logs them.
+  Fields outside the schema are dropped.
+  """
+  if schema not in SCHEMAS:
+    raise CotsafeError(f"schema {schema!r}, expected one of {'|'.join(SCHEMAS)}")
+  if on_bad_row not in ("raise", "skip"):
+    raise CotsafeError(f"on_bad_row={on_bad_row!r}, expected 'raise' or 'skip'")
+  if kind is not None and kind not in KINDS:
+    raise CotsafeError(f"kind={kind!r}, expected one of {'|'.join(KINDS)}")
+  preset, validate = _preset(columns, schema), _VALIDATORS[schema]
+  label = source if split is None else f"{source}[{split}]"
+  rows, skipped, num_skipped = [], [], 0
+  for line, raw in _read(source, split, data_dir):
+    try:
+      if isinstance(raw, _BadRow):
+        raise raw
+      if not isinstance(raw, dict):
+        raise _BadRow(f"row is a {type(raw).__name__}", "an object with named fields")
+      rows.append(validate(_apply_preset(raw, preset, kind)))
+    except _BadRow as e:
+      message = f"{label}:{line}: {e}"
+      if on_bad_row == "raise":
+        raise CotsafeError(message) from None
+      num_skipped += 1
+      if len(skipped) < 10:
+        skipped.append(message)
+  if num_skipped:
+    _log.warning("%s: skipped %d bad rows; first: %s", label, num_skipped, skipped[0])
+  if not rows:
+    raise CotsafeError(f"{label}: no valid {schema} rows ({num_skipped} skipped), expected at least one")
+  return Rows(rows, num_skipped, label, tuple(skipped))
+
+
+def load_prompts(source: str, *, columns: Mapping[str, str] | str | None = None, kind: str | None = None,
+                 split: str | None = None, data_dir: str | None = None, on_bad_row: str = "raise") -> Rows:
+  """Prompt rows (RL, evaluation): `prompt` or `messages`, `kind`, optional `answer`, `category`, `id`."""
+  return load_rows(source, schema="prompts", columns=columns, kind=kind, split=split, data_dir=data_dir,
+                   on_bad_row=on_bad_row)
+
+
+def load_sft(source: str, *, columns: Mapping[str, str] | str | None = None, split: str | None = None,
+             data_dir: str | None = None, on_bad_row: str = "raise") -> Rows:
+  """SFT rows: `messages`, or `prompt` + `response`; optional `kind`, `category`, `id`."""
+  return load_rows(source, schema="sft", columns=columns, split=split, data_dir=data_dir, on_bad_row=on_bad_row)
+
+
+def load_spans(source: str, *, columns: Mapping[str, str] | str | None = None, split: str | None = None,
+               data_dir: str | None = None, on_bad_row: str = "raise") -> Rows:
+  """Safety-span rows: `prompt`, `response`, `unsafe_spans` ([start, end) into response, merged), `label`."""
+  return load_rows(source, schema="spans", columns=columns, split=split, data_dir=data_dir,
+                   on_bad_row=on_bad_row)
