@@ -252,7 +252,8 @@ def _spans(row: dict, response: str) -> list[list[int]]:
     if start == end:
       raise _BadRow(f"span [{start}, {end}) is empty", "start < end")
     if start < 0 or end > len(response):
-      raise _BadRow(f"span [{start}, {end}) is out of range", f"offsets within the {len(response)}-character response")
+      raise _BadRow(f"span [{start}, {end}) is out of range",
+                    f"offsets within the {len(response)}-character response")
     clean.append([start, end])
   merged: list[list[int]] = []
   for start, end in sorted(clean):  # overlapping or touching spans mark the same characters: merge them
