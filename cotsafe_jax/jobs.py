@@ -13,12 +13,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cotsafe_jax import models, parallel
+from cotsafe_jax import models, parallel, rewards, rl
 from cotsafe_jax.errors import CotsafeError
+from cotsafe_jax.rewards.rules import TokenSetReward
+from cotsafe_jax.rl import ppo as ppo_lib
+from cotsafe_jax.train import ppo_trainer
 
-gin.external_configurable(models.ModelConfig, "ModelConfig")
-gin.external_configurable(models.tiny_config, "tiny_config")
-gin.external_configurable(parallel.make_mesh, "make_mesh")
+for _fn, _name in [
+    (models.ModelConfig, "ModelConfig"), (models.tiny_config, "tiny_config"), (parallel.make_mesh, "make_mesh"),
+    (rl.AdvantageConfig, "AdvantageConfig"), (rl.PolicyLoss, "PolicyLoss"), (rl.ValueLoss, "ValueLoss"),
+    (rl.AdaptiveKLConfig, "AdaptiveKLConfig"), (rl.LagrangianConfig, "LagrangianConfig"),
+    (ppo_lib.PPOConfig, "PPOConfig"), (ppo_trainer.PolicySpec, "PolicySpec"),
+    (ppo_trainer.RolloutConfig, "RolloutConfig"), (ppo_trainer.OptimConfig, "OptimConfig"),
+    (rewards.CompositeReward, "CompositeReward"), (rewards.RefusalDetector, "RefusalDetector"),
+    (TokenSetReward, "TokenSetReward"),
+]:
+  gin.external_configurable(_fn, _name)
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -89,6 +99,22 @@ def export_hf(*, workdir: str, hf_dir: str = gin.REQUIRED, out_dir: str | None =
   if parallel.is_main_process():
     print(f"export_hf: {hf_dir} -> {out_dir} ({jnp.dtype(dtype).name}, {cfg.num_params:,} params)")
   return out_dir
+
+
+@gin.configurable
+def ppo_train(*, workdir: str, num_steps: int = gin.REQUIRED, policy: ppo_trainer.PolicySpec = gin.REQUIRED,
+              reward: Any = gin.REQUIRED, prompts: str = gin.REQUIRED, prompts_per_step: int = gin.REQUIRED,
+              ppo: ppo_lib.PPOConfig = gin.REQUIRED, rollout: ppo_trainer.RolloutConfig = gin.REQUIRED,
+              optim: ppo_trainer.OptimConfig = gin.REQUIRED, **kwargs) -> dict[str, Any]:
+  """PPO with token-level rewards (see train/ppo_trainer.train for every option)."""
+  out = ppo_trainer.train(workdir=workdir, num_steps=num_steps, policy=policy, reward=reward, prompts=prompts,
+                          prompts_per_step=prompts_per_step, ppo=ppo, rollout=rollout, optim=optim, **kwargs)
+  if parallel.is_main_process():
+    m = out["metrics"]
+    state = "stopped early (checkpoint saved; rerun the same command to resume)" if out["stopped_early"] else "done"
+    print(f"ppo_train: {state} at step {out['step']}/{num_steps}; reward/mean {m.get('reward/mean', float('nan')):.4f}"
+          + (f"; policy exported to {out['hf_dir']}" if out["hf_dir"] else ""))
+  return out
 
 
 @gin.configurable

@@ -70,12 +70,17 @@ def main(argv=None) -> int:
       gin_files.append(found)
     # `include 'gin/...'` resolves against the checkout root, whatever the current dir
     gin.add_config_file_search_path(_REPO_ROOT)
+    import logging
+    root_level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.CRITICAL)  # gin logs each include it resolves via the search path
     try:
       gin.parse_config_files_and_bindings(gin_files, args.gin_param, finalize_config=False)
     except (ValueError, TypeError, SyntaxError, OSError) as e:
       if args.debug:
         raise
       raise CotsafeError(_gin_error(e)) from None
+    finally:
+      logging.getLogger().setLevel(root_level)
     kwargs = {} if args.workdir is None else {"workdir": args.workdir}
     if not _has_binding("run.job"):
       raise CotsafeError("no job bound: set run.job = @model_info (or another job) in a gin file")

@@ -19,8 +19,8 @@ def test_model_info_from_gin_file(tmp_path):
   r = _launch("--gin_file=gin/model_info_tiny.gin", f"--workdir={tmp_path}", cwd=str(tmp_path))
   assert r.returncode == 0, r.stderr
   info = json.load(open(tmp_path / "model_info.json"))
-  assert info["num_params"] == 139_840  # tiny.gin: 2 layers, d=64, V=512, qkv bias, untied
-  assert info["param_bytes_total"] == 2 * 139_840
+  assert info["num_params"] == 156_224  # tiny.gin: 2 layers, d=64, V=640, qkv bias, untied
+  assert info["param_bytes_total"] == 2 * 156_224
   assert "model.info" not in r.stderr
   assert "model_info.model = %MODEL" in open(tmp_path / "config.gin").read()
 

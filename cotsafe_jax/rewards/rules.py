@@ -1,0 +1,42 @@
+"""A rule-based dense reward: a bonus on every completion token whose text is one of given words.
+
+Easy to learn from scratch, so smoke runs and tests of the PPO loop see the reward rise.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from cotsafe_jax.errors import CotsafeError
+from cotsafe_jax.rewards.base import RewardBatch, TokenRewards, to_token_rewards
+
+
+class TokenSetReward:
+  """r_t = bonus if the t-th completion token decodes (stripped, lower-cased) to one of `words`, else
+  -cost. Token ids are resolved from the batch's tokenizer once."""
+
+  def __init__(self, *, words: Sequence[str], bonus: float = 1.0, cost: float = 0.0):
+    if not words:
+      raise CotsafeError("TokenSetReward: words is empty, expected at least one word")
+    self.words = tuple(w.strip().lower() for w in words)
+    self.bonus, self.cost = float(bonus), float(cost)
+    self._ids: np.ndarray | None = None
+
+  def _target_ids(self, tokenizer) -> np.ndarray:
+    if self._ids is None:
+      vocab = tokenizer.get_vocab()
+      ids = [i for i in vocab.values() if tokenizer.decode([i]).strip().lower() in self.words]
+      if not ids:
+        raise CotsafeError(f"TokenSetReward: no token of the tokenizer decodes to any of {list(self.words)}")
+      self._ids = np.array(sorted(ids))
+    return self._ids
+
+  def __call__(self, batch: RewardBatch) -> TokenRewards:
+    if batch.tokenizer is None:
+      raise CotsafeError("TokenSetReward: the batch carries no tokenizer")
+    mask_bt = np.asarray(batch.completion_mask_bt, bool)
+    hit_bt = np.isin(np.asarray(batch.completion_tokens_bt), self._target_ids(batch.tokenizer)) & mask_bt
+    values_bt = np.where(hit_bt, self.bonus, -self.cost) * mask_bt
+    info = {"target_token_rate": float(hit_bt.sum() / max(mask_bt.sum(), 1))}
+    return to_token_rewards(values_bt.astype(np.float32), {"token_set": values_bt.astype(np.float32)}, info)

@@ -1,0 +1,336 @@
+"""The PPO loop: data -> rollout -> score -> rewards -> advantages -> updates -> log -> checkpoint.
+
+Policy, frozen reference (the initial params), critic (GAE only) and reward run sharded over one mesh.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cotsafe_jax import models, parallel, rollout as rollout_lib
+from cotsafe_jax.data import pipeline as pipeline_lib, sources
+from cotsafe_jax.errors import CotsafeError
+from cotsafe_jax.rewards.base import RewardBatch, RewardFn
+from cotsafe_jax.rl import controllers, ppo as ppo_lib
+from cotsafe_jax.train.checkpointing import Checkpointer
+from cotsafe_jax.train.logging import MetricLogger
+from cotsafe_jax.train.optim import make_optimizer
+from cotsafe_jax.types import Rollout, ScoredRollout, TrainState
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PolicySpec:
+  """Where the policy comes from: a local HF dir, or a random init of `config` (smoke runs)."""
+  hf_dir: str | None = None
+  config: models.ModelConfig | None = None
+  tokenizer_dir: str | None = None
+  param_dtype: str = "float32"
+  compute_dtype: str | None = None  # e.g. "bfloat16": bf16 compute over float32 master params
+  seed: int = 0
+
+  def __post_init__(self):
+    if (self.hf_dir is None) == (self.config is None):
+      raise CotsafeError("PolicySpec: set exactly one of hf_dir (a local HF checkpoint) or config")
+    if self.tokenizer_dir is None and self.hf_dir is None:
+      raise CotsafeError("PolicySpec: a random-init policy needs tokenizer_dir")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+  """Sampling during training. Prompts longer than max_prompt_len are cut from the left
+  (truncate="left") or rejected (truncate="error")."""
+  max_prompt_len: int = 128
+  max_new_tokens: int = 256
+  samples_per_prompt: int = 1
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  truncate: str = "left"
+
+  def __post_init__(self):
+    if self.truncate not in ("left", "error"):
+      raise CotsafeError(f"RolloutConfig.truncate={self.truncate!r}, expected 'left' or 'error'")
+    if self.samples_per_prompt < 1 or self.max_prompt_len < 1 or self.max_new_tokens < 1:
+      raise CotsafeError("RolloutConfig: samples_per_prompt, max_prompt_len and max_new_tokens must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+  learning_rate: float = 1e-6
+  schedule: str = "constant"
+  warmup_steps: int = 0
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  max_grad_norm: float | None = 1.0
+  min_lr_ratio: float = 0.0
+
+  def make(self, total_steps: int):
+    return make_optimizer(learning_rate=self.learning_rate, schedule=self.schedule,
+                          warmup_steps=self.warmup_steps, total_steps=max(total_steps, 1),
+                          weight_decay=self.weight_decay, b1=self.b1, b2=self.b2, eps=self.eps,
+                          max_grad_norm=self.max_grad_norm, min_lr_ratio=self.min_lr_ratio)
+
+
+class _StopFlag:
+  """SIGTERM / SIGINT ask the loop to finish the current step, checkpoint and return."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: no handlers
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def load_policy(spec: PolicySpec, mesh) -> tuple[models.ModelConfig, Any, Any]:
+  dtype = jnp.dtype(spec.param_dtype)
+  compute = jnp.dtype(spec.compute_dtype or spec.param_dtype)
+  if spec.hf_dir is not None:
+    cfg, params = models.load_hf(spec.hf_dir, dtype=dtype, mesh=mesh, compute_dtype=compute)
+  else:
+    cfg = spec.config.replace(param_dtype=dtype, dtype=compute)
+    params = models.init_params(cfg, jax.random.PRNGKey(spec.seed), mesh=mesh)
+  tok = models.load_tokenizer(spec.tokenizer_dir or spec.hf_dir, model_vocab_size=cfg.vocab_size)
+  return cfg, params, tok
+
+
+def stop_ids(tokenizer: Any, cfg: models.ModelConfig) -> tuple[int, ...]:
+  ids = set()
+  for x in (tokenizer.eos_token_id, cfg.eos_token_id):
+    if isinstance(x, int):
+      ids.add(x)
+    elif isinstance(x, (tuple, list)):
+      ids.update(int(i) for i in x)
+  return tuple(sorted(ids))
+
+
+def encode_prompts(tokenizer: Any, rows: Sequence[Mapping[str, Any]], *, max_prompt_len: int,
+                   truncate: str, pad_id: int) -> tuple[np.ndarray, np.ndarray, int]:
+  """Chat-template + tokenize, left-pad to max_prompt_len. Returns (tokens_bp, mask_bp, num_truncated)."""
+  tokens = np.full((len(rows), max_prompt_len), pad_id, np.int32)
+  mask = np.zeros((len(rows), max_prompt_len), bool)
+  truncated = 0
+  for i, row in enumerate(rows):
+    text = models.apply_chat_template(tokenizer, row.get("messages") or row["prompt"])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) > max_prompt_len:
+      if truncate == "error":
+        where = row.get("id", f"row {i}")
+        raise CotsafeError(f"prompt {where}: {len(ids)} tokens > max_prompt_len={max_prompt_len} "
+                           "(raise RolloutConfig.max_prompt_len or set truncate='left')")
+      ids = ids[-max_prompt_len:]
+      truncated += 1
+    tokens[i, max_prompt_len - len(ids):] = ids
+    mask[i, max_prompt_len - len(ids):] = True
+  return tokens, mask, truncated
+
+
+def check_batch_sizes(*, prompts_per_step: int, samples_per_prompt: int, ppo: ppo_lib.PPOConfig, mesh) -> int:
+  """Rows per step; every split must divide: devices, minibatches, microbatches. Errors name the numbers."""
+  rows = prompts_per_step * samples_per_prompt
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  mb = rows // ppo.num_minibatches
+  if rows % ppo.num_minibatches:
+    raise CotsafeError(f"batch: {prompts_per_step} prompts x {samples_per_prompt} samples = {rows} rows do not "
+                       f"divide into num_minibatches={ppo.num_minibatches}")
+  if mb % ppo.num_microbatches:
+    raise CotsafeError(f"batch: minibatch of {mb} rows does not divide into num_microbatches="
+                       f"{ppo.num_microbatches}")
+  if (mb // ppo.num_microbatches) % shards or rows % shards:
+    raise CotsafeError(f"batch: microbatch of {mb // ppo.num_microbatches} rows (of {rows} per step) does not "
+                       f"divide over the {shards} data x fsdp devices of the mesh {dict(mesh.shape)}")
+  if ppo.advantage.estimator in ("grpo", "rloo") and ppo.advantage.group_size != samples_per_prompt:
+    raise CotsafeError(f"PPO: advantage.group_size={ppo.advantage.group_size} must equal "
+                       f"samples_per_prompt={samples_per_prompt} for {ppo.advantage.estimator}")
+  return rows
+
+
+def _host(x) -> np.ndarray:
+  return np.asarray(jax.device_get(x))
+
+
+def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, ppo: ppo_lib.PPOConfig,
+          rollout: RolloutConfig, optim: OptimConfig, num_steps: int, prompts_per_step: int,
+          critic_optim: OptimConfig | None = None, critic_hf_dir: str | None = None,
+          mixture: Mapping[str, float] | None = None, prompt_columns: Any = None, on_bad_row: str = "raise",
+          mesh: Any = None, seed: int = 0, save_interval_steps: int = 50, max_to_keep: int | None = 2,
+          async_checkpoint: bool = True, samples_every: int = 10, num_logged_samples: int = 4,
+          export_hf: bool = True, step_callback: Any = None) -> dict[str, Any]:
+  """Run PPO for `num_steps` iterations (resuming from workdir/checkpoints when present).
+
+  Returns {"metrics": last step's metrics, "history": per-step metrics, "hf_dir": the exported policy}.
+  step_callback(step, policy_cfg, params, tokenizer) -> dict of extra metrics, called after each step.
+  """
+  mesh = mesh if mesh is not None else parallel.make_mesh()
+  cfg, params, tok = load_policy(policy, mesh)
+  pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+  eos = stop_ids(tok, cfg)
+  rows_per_step = check_batch_sizes(prompts_per_step=prompts_per_step, samples_per_prompt=rollout.samples_per_prompt,
+                                    ppo=ppo, mesh=mesh)
+  loaded = sources.load_prompts(prompts, columns=prompt_columns, on_bad_row=on_bad_row)
+  data_it = pipeline_lib.make_pipeline(loaded.rows, batch_size=prompts_per_step, seed=seed, mixture=mixture)
+  reference = jax.tree.map(jnp.copy, params)  # frozen initial policy
+
+  critic = critic_cfg = None
+  if ppo.uses_critic:
+    if critic_hf_dir:
+      critic_cfg, backbone = models.load_hf(critic_hf_dir, dtype=cfg.param_dtype, mesh=mesh,
+                                            compute_dtype=cfg.dtype)
+    else:
+      critic_cfg, backbone = cfg, jax.tree.map(jnp.copy, params)
+    critic = ppo_lib.init_critic(critic_cfg, backbone, jax.random.PRNGKey(seed + 1), mesh=mesh)
+  updates_per_step = ppo.epochs * ppo.num_minibatches
+  policy_tx = optim.make(num_steps * updates_per_step)
+  critic_tx = (critic_optim or optim).make(num_steps * updates_per_step) if critic is not None else None
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32), policy=params, policy_opt=jax.jit(policy_tx.init)(params),
+      critic=critic, critic_opt=jax.jit(critic_tx.init)(critic) if critic is not None else None,
+      rng=jax.random.PRNGKey(seed),
+      kl=controllers.init_kl_controller(ppo.adaptive_kl) if ppo.adaptive_kl else None,
+      lagrangian=controllers.init_lagrangian(ppo.lagrangian) if ppo.lagrangian else None)
+  replicated = parallel.replicated(mesh)
+  state = state.replace(**{k: jax.device_put(getattr(state, k), replicated)
+                           for k in ("step", "rng", "kl", "lagrangian")})
+
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=save_interval_steps,
+                      max_to_keep=max_to_keep, async_save=async_checkpoint)
+  start = ckpt.latest_step()
+  extra: dict[str, Any] = {}
+  if start is not None:
+    state, data_state, extra = ckpt.restore(start, state)
+    data_it.set_state(data_state)
+  start = start or 0
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  bt_sharding = parallel.batch_sharding(mesh, 2)
+  t = rollout.max_new_tokens
+  batch_shardings = ScoredRollout(*(bt_sharding,) * 8)
+  take_rows = jax.jit(lambda d, idx: jax.tree.map(lambda x: x[idx], d), out_shardings=batch_shardings)
+  score_step = ppo_lib.make_score_step(cfg, critic_cfg, ppo, num_completion=t)
+  advantage_step = ppo_lib.make_advantage_step(ppo)
+  update_step = ppo_lib.make_update_step(cfg, critic_cfg, ppo, policy_tx, critic_tx, num_completion=t,
+                                         state_shardings=state_shardings, batch_shardings=batch_shardings)
+
+  logger = MetricLogger(workdir, total_steps=num_steps, resume_step=start if start else None,
+                        postfix_keys=("reward/mean", "kl/mean"))
+  history: list[dict[str, float]] = []
+  num_truncated = int(extra.get("num_truncated", 0))
+  with _StopFlag() as stop, logger:
+    step = start
+    while step < num_steps and not stop.requested:
+      rows = next(data_it)
+      with logger.phase("rollout"):
+        prompt_bp, pmask_bp, n_trunc = encode_prompts(tok, rows, max_prompt_len=rollout.max_prompt_len,
+                                                      truncate=rollout.truncate, pad_id=pad_id)
+        num_truncated += n_trunc
+        n = rollout.samples_per_prompt
+        prompt_bp, pmask_bp = np.repeat(prompt_bp, n, axis=0), np.repeat(pmask_bp, n, axis=0)
+        rows_b = [r for r in rows for _ in range(n)]
+        rng, gen_rng, perm_rng = jax.random.split(state.rng, 3)
+        state = state.replace(rng=jax.device_put(rng, replicated))
+        gen = rollout_lib.generate(cfg, state.policy, jax.device_put(prompt_bp, bt_sharding),
+                                   jax.device_put(pmask_bp, bt_sharding), rng=gen_rng, max_new_tokens=t,
+                                   temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p,
+                                   eos_ids=eos, pad_id=pad_id, buckets=(rollout.max_prompt_len,), mesh=mesh)
+        comp_bt, cmask_bt = _host(gen.tokens_bt), _host(gen.mask_bt)
+      with logger.phase("score"):
+        batch = Rollout(tokens_bs=jax.device_put(np.concatenate([prompt_bp, comp_bt], 1), bt_sharding),
+                        mask_bs=jax.device_put(np.concatenate([pmask_bp, cmask_bt], 1), bt_sharding),
+                        completion_mask_bt=jax.device_put(cmask_bt, bt_sharding))
+        scored = score_step(state.policy, reference, state.critic, batch)
+        rb = RewardBatch.from_tokens(tokenizer=tok, prompt_tokens_bp=prompt_bp, prompt_mask_bp=pmask_bp,
+                                     completion_tokens_bt=comp_bt, completion_mask_bt=cmask_bt,
+                                     kinds=[r.get("kind", "reasoning") for r in rows_b],
+                                     references=[r.get("answer") for r in rows_b])
+        rewards = reward(rb)
+        cost_bt = np.zeros(cmask_bt.shape, np.float32)
+        lam = 0.0
+        if state.lagrangian is not None:
+          cost_bt = -_host(rewards.components.get("token_safety", cost_bt))
+          lam = float(state.lagrangian.lam)
+        kl_coef = float(state.kl.beta) if state.kl is not None else ppo.kl_coef
+        adv_bt, ret_bt, r_bt, kl_bt = advantage_step(
+            jax.device_put(_host(rewards.values_bt), bt_sharding), batch.completion_mask_bt, scored["values_bt"],
+            scored["old_logp_bt"], scored["ref_logp_bt"], jnp.float32(kl_coef),
+            jax.device_put(cost_bt, bt_sharding), jnp.float32(lam))
+        data = ScoredRollout(tokens_bs=batch.tokens_bs, mask_bs=batch.mask_bs,
+                             completion_mask_bt=batch.completion_mask_bt, old_logp_bt=scored["old_logp_bt"],
+                             ref_logp_bt=scored["ref_logp_bt"], old_values_bt=scored["values_bt"],
+                             advantages_bt=adv_bt, returns_bt=ret_bt)
+        extra_m = ppo_lib.rollout_metrics(scored, ret_bt, batch.completion_mask_bt)
+      with logger.phase("update"):
+        update_metrics: list[dict[str, Any]] = []
+        mb_size = rows_per_step // ppo.num_minibatches
+        for epoch_rng in jax.random.split(perm_rng, ppo.epochs):
+          perm = _host(jax.random.permutation(epoch_rng, rows_per_step))
+          for k in range(ppo.num_minibatches):
+            mb = take_rows(data, jnp.asarray(perm[k * mb_size:(k + 1) * mb_size]))
+            state, m = update_step(state, mb, jnp.float32(kl_coef))
+            update_metrics.append(m)
+        update_metrics = jax.device_get(update_metrics)
+      mask_f = cmask_bt.astype(np.float32)
+      n_tok = max(float(mask_f.sum()), 1.0)
+      kl_mean = float(_host(kl_bt).sum() / n_tok)
+      reward_seq = _host(rewards.values_bt).sum(1)
+      metrics: dict[str, Any] = {
+          "reward/mean": float(reward_seq.mean()), "reward/std": float(reward_seq.std()),
+          "reward/with_penalties_mean": float(_host(r_bt).sum(1).mean()),
+          "kl/mean": kl_mean, "kl/coef": kl_coef, "entropy/rollout": float(extra_m["entropy"]),
+          "critic/explained_variance": float(extra_m["explained_variance"]) if state.critic is not None else 0.0,
+          "response/length_mean": float(mask_f.sum(1).mean()),
+          "response/finished_rate": float(_host(gen.finished_b).mean()),
+          "data/prompts_truncated": float(num_truncated),
+      }
+      for name, comp in rewards.components.items():
+        metrics[f"reward/{name}"] = float(_host(comp).reshape(len(rows_b), -1).sum(1).mean())
+      for name, v in rewards.info.items():
+        metrics[f"reward_info/{name}"] = float(v)
+      for key in update_metrics[0]:
+        metrics[f"update/{key}"] = float(np.mean([m[key] for m in update_metrics]))
+      new_kl, new_lag = state.kl, state.lagrangian
+      if ppo.adaptive_kl is not None:
+        new_kl = controllers.update_kl_controller(ppo.adaptive_kl, state.kl, n_steps=rows_per_step,
+                                                  current_kl=float(_host(kl_bt).sum(1).mean()))
+      if ppo.lagrangian is not None:
+        rate = float(rewards.info.get("token_unsafe_mean", 0.0))
+        new_lag = controllers.update_lagrangian(ppo.lagrangian, state.lagrangian, unsafe_rate=rate)
+        metrics["lagrangian/lambda"] = lam
+      state = state.replace(step=state.step + 1, kl=jax.device_put(new_kl, replicated),
+                            lagrangian=jax.device_put(new_lag, replicated))
+      step += 1
+      logger.add_tokens(int(mask_f.sum()))
+      if step_callback is not None:
+        metrics.update(step_callback(step, cfg, state.policy, tok) or {})
+      history.append(logger.write(step, metrics))
+      if samples_every and (step % samples_every == 0 or step == num_steps):
+        logger.write_samples(step, [
+            {"prompt": rb.prompts[i], "kind": rb.kinds[i], "response": rb.completions[i],
+             "reward": float(reward_seq[i])} for i in range(min(num_logged_samples, len(rows_b)))])
+      ckpt.save(step, state, data=data_it.get_state(), extra={"num_truncated": num_truncated},
+                force=stop.requested or step == num_steps)
+    ckpt.close()
+  hf_dir = None
+  if export_hf and step >= num_steps:
+    hf_dir = models.save_hf(cfg, state.policy, os.path.join(workdir, "hf"), tokenizer=tok)
+  return {"metrics": history[-1] if history else {}, "history": history, "hf_dir": hf_dir,
+          "stopped_early": step < num_steps, "step": step}
