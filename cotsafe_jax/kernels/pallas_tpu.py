@@ -1,0 +1,204 @@
+"""Mosaic TPU kernels of the fused log-prob + entropy: forward statistics, dh and dW.
+
+Each is a pallas_call over a (parallel, reduction) grid of [block_t x block_v] logit tiles that live
+only in VMEM; per-token values travel lane-packed in [N, 128] float32 tiles (TPU lane width).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from cotsafe_jax.errors import CotsafeError
+from cotsafe_jax.kernels import _math
+
+BLOCKS = (256, 512)
+_LANES = 128
+_NT = (((1,), (0,)), ((), ()))  # [t, d] x [d, v]
+_TRANS_B = (((1,), (1,)), ((), ()))  # [t, v] x [d, v] -> [t, d]
+_TRANS_A = (((0,), (0,)), ((), ()))  # [t, d] x [t, v] -> [d, v]
+
+
+def check_blocks(block_t: int, block_v: int, *, where: str) -> None:
+  if block_t % 16:
+    raise CotsafeError(f"{where}: block_t={block_t} for pallas_tpu (expected a multiple of 16: "
+                       "bf16 sublane tiling)")
+  if block_v % _LANES:
+    raise CotsafeError(f"{where}: block_v={block_v} for pallas_tpu (expected a multiple of 128: "
+                       "TPU lane width)")
+
+
+def interpret_default() -> bool:
+  """Off its own platform the kernel can only run in the Pallas interpreter."""
+  return jax.default_backend() != "tpu"
+
+
+def _lane(x_rl: jax.Array, k: int) -> jax.Array:
+  """Lane k of a lane-packed [rows, 128] tile as [rows, 1] (a masked lane sum: exact)."""
+  lane_rl = jax.lax.broadcasted_iota(jnp.int32, x_rl.shape, 1)
+  return jnp.sum(jnp.where(lane_rl == k, x_rl, 0.0), axis=1, keepdims=True)
+
+
+def _pack(shape: tuple[int, int], *cols_r1: jax.Array) -> jax.Array:
+  lane_rl = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+  out_rl = jnp.zeros(shape, jnp.float32)
+  for k, c_r1 in enumerate(cols_r1):
+    out_rl = jnp.where(lane_rl == k, c_r1, out_rl)
+  return out_rl
+
+
+def _lanes_n(*cols_n: jax.Array) -> jax.Array:
+  """[N] per-token arrays -> one [N, 128] float32 tile set, array k in lane k."""
+  stacked_nk = jnp.stack([c.astype(jnp.float32) for c in cols_n], axis=1)
+  return jnp.pad(stacked_nk, ((0, 0), (0, _LANES - len(cols_n))))
+
+
+def _logits(h_ref, w_ref, *, cdt) -> jax.Array:
+  """Raw (unscaled) float32 logits of this tile."""
+  return jax.lax.dot_general(h_ref[...].astype(cdt), w_ref[...].astype(cdt), _NT,
+                             preferred_element_type=jnp.float32,
+                             precision=_math.matmul_precision(cdt))
+
+
+def _stats_kernel(h_ref, w_ref, tok_ref, out_ref, acc_ref, *, v: int, inv_temp: float, cdt):
+  j, nv = pl.program_id(1), pl.num_programs(1)
+  bt, bv = h_ref.shape[0], w_ref.shape[1]
+
+  @pl.when(j == 0)
+  def _init():
+    acc_ref[...] = _pack(acc_ref.shape, jnp.full((bt, 1), _math.NEG_INF, jnp.float32))
+
+  x_tc = _logits(h_ref, w_ref, cdt=cdt)
+  cols_tc = j * bv + jax.lax.broadcasted_iota(jnp.int32, (bt, bv), 1)
+  valid_tc = cols_tc < v  # a partial last block reads unspecified columns
+  y_t1 = _lane(tok_ref[...], 0).astype(jnp.int32)
+  stats = tuple(_lane(acc_ref[...], k) for k in range(4))
+  stats = _math.update_stats(stats, x_tc, valid_tc, (cols_tc == y_t1) & valid_tc, inv_temp,
+                             keep=True)
+  acc_ref[...] = _pack(acc_ref.shape, *stats)
+
+  @pl.when(j == nv - 1)
+  def _out():
+    out_ref[...] = acc_ref[...]
+
+
+def _dz(h_ref, w_ref, tok_ref, i, j, *, n: int, v: int, inv_temp: float, cdt) -> jax.Array:
+  bt, bv = h_ref.shape[0], w_ref.shape[1]
+  x_tc = _logits(h_ref, w_ref, cdt=cdt)
+  rows_tc = i * bt + jax.lax.broadcasted_iota(jnp.int32, (bt, bv), 0)
+  cols_tc = j * bv + jax.lax.broadcasted_iota(jnp.int32, (bt, bv), 1)
+  valid_tc = (rows_tc < n) & (cols_tc < v)
+  tok_tl = tok_ref[...]
+  y_t1, lse_t1, mu_t1, gl_t1, ge_t1 = (_lane(tok_tl, k) for k in range(5))
+  hit_tc = (cols_tc == y_t1.astype(jnp.int32)) & valid_tc
+  dz_tc = _math.dz_tile(x_tc, valid_tc, hit_tc, lse_t1, mu_t1, gl_t1, ge_t1, inv_temp, keep=True)
+  return (dz_tc * inv_temp).astype(cdt)
+
+
+def _dh_kernel(h_ref, w_ref, tok_ref, dh_ref, acc_ref, *, n: int, v: int, inv_temp: float, cdt):
+  i, j, nv = pl.program_id(0), pl.program_id(1), pl.num_programs(1)
+
+  @pl.when(j == 0)
+  def _init():
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  dz_tc = _dz(h_ref, w_ref, tok_ref, i, j, n=n, v=v, inv_temp=inv_temp, cdt=cdt)
+  d, bv = w_ref.shape
+  cols_dc = j * bv + jax.lax.broadcasted_iota(jnp.int32, (d, bv), 1)
+  w_dc = jnp.where(cols_dc < v, w_ref[...], 0).astype(cdt)  # 0 * garbage would be NaN
+  acc_ref[...] += jax.lax.dot_general(dz_tc, w_dc, _TRANS_B, preferred_element_type=jnp.float32,
+                                      precision=_math.matmul_precision(cdt))
+
+  @pl.when(j == nv - 1)
+  def _out():
+    dh_ref[...] = acc_ref[...]
+
+
+def _dw_kernel(h_ref, w_ref, tok_ref, dw_ref, acc_ref, *, n: int, v: int, inv_temp: float, cdt):
+  j, i, nt = pl.program_id(0), pl.program_id(1), pl.num_programs(1)
+
+  @pl.when(i == 0)
+  def _init():
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  dz_tc = _dz(h_ref, w_ref, tok_ref, i, j, n=n, v=v, inv_temp=inv_temp, cdt=cdt)
+  bt, d = h_ref.shape
+  rows_td = i * bt + jax.lax.broadcasted_iota(jnp.int32, (bt, d), 0)
+  h_td = jnp.where(rows_td < n, h_ref[...], 0).astype(cdt)  # 0 * garbage would be NaN
+  acc_ref[...] += jax.lax.dot_general(h_td, dz_tc, _TRANS_A, preferred_element_type=jnp.float32,
+                                      precision=_math.matmul_precision(cdt))
+
+  @pl.when(i == nt - 1)
+  def _out():
+    dw_ref[...] = acc_ref[...].astype(dw_ref.dtype)
+
+
+def _sizes(h_nd, w_dv, block_t: int, block_v: int):
+  (n, d), v = h_nd.shape, w_dv.shape[1]
+  if v >= 2**24:
+    raise CotsafeError(f"kernels.pallas_tpu: V={v} (expected V < 2**24: targets travel as float32)")
+  # A block equal to the whole dim is always legal; otherwise the (16, 128)-aligned block.
+  bt, bv = (n if n <= block_t else block_t), (v if v <= block_v else block_v)
+  return n, d, v, bt, bv, jnp.promote_types(h_nd.dtype, w_dv.dtype)
+
+
+def _params(bt: int, bv: int, d: int, itemsize: int) -> pltpu.CompilerParams:
+  tiles = 2 * (bt * d + d * bv) * itemsize + 4 * bt * _LANES * 4  # double-buffered inputs
+  accs = 2 * max(bt * d, d * bv) * 4 + 8 * bt * bv * 4  # accumulator, output, tile temporaries
+  limit = min(max(int(1.5 * (tiles + accs)), 16 << 20), 64 << 20)
+  return pltpu.CompilerParams(dimension_semantics=(pltpu.PARALLEL, pltpu.ARBITRARY),
+                              vmem_limit_bytes=limit)
+
+
+def stats(h_nd: jax.Array, w_dv: jax.Array, y_n: jax.Array, *, inv_temp: float, block_t: int,
+          block_v: int, interpret: bool) -> tuple[jax.Array, ...]:
+  """Per-token (m, s, u, x_y) over this vocabulary slice (see _math.update_stats)."""
+  n, d, v, bt, bv, cdt = _sizes(h_nd, w_dv, block_t, block_v)
+  kernel = functools.partial(_stats_kernel, v=v, inv_temp=inv_temp, cdt=cdt)
+  out_nl = pl.pallas_call(
+      kernel, grid=(pl.cdiv(n, bt), pl.cdiv(v, bv)),
+      in_specs=[pl.BlockSpec((bt, d), lambda i, j: (i, 0)),
+                pl.BlockSpec((d, bv), lambda i, j: (0, j)),
+                pl.BlockSpec((bt, _LANES), lambda i, j: (i, 0))],
+      out_specs=pl.BlockSpec((bt, _LANES), lambda i, j: (i, 0)),
+      out_shape=jax.ShapeDtypeStruct((n, _LANES), jnp.float32),
+      scratch_shapes=[pltpu.VMEM((bt, _LANES), jnp.float32)],
+      compiler_params=_params(bt, bv, d, jnp.dtype(cdt).itemsize),
+      interpret=interpret, name="logprob_entropy_stats",
+  )(h_nd, w_dv, _lanes_n(y_n))
+  return tuple(out_nl[:, k] for k in range(4))
+
+
+def grads(h_nd: jax.Array, w_dv: jax.Array, y_n: jax.Array, lse_n: jax.Array, mu_n: jax.Array,
+          g_logp_n: jax.Array, g_ent_n: jax.Array, *, inv_temp: float, block_t: int,
+          block_v: int, interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """(dh float32 [N, D], dW in W's dtype [D, V]): two kernels, each recomputing the logit tiles."""
+  n, d, v, bt, bv, cdt = _sizes(h_nd, w_dv, block_t, block_v)
+  tok_nl = _lanes_n(y_n, lse_n, mu_n, g_logp_n, g_ent_n)
+  params = _params(bt, bv, d, jnp.dtype(cdt).itemsize)
+  kw = dict(n=n, v=v, inv_temp=inv_temp, cdt=cdt)
+  nt, nv = pl.cdiv(n, bt), pl.cdiv(v, bv)
+  dh_nd = pl.pallas_call(
+      functools.partial(_dh_kernel, **kw), grid=(nt, nv),
+      in_specs=[pl.BlockSpec((bt, d), lambda i, j: (i, 0)),
+                pl.BlockSpec((d, bv), lambda i, j: (0, j)),
+                pl.BlockSpec((bt, _LANES), lambda i, j: (i, 0))],
+      out_specs=pl.BlockSpec((bt, d), lambda i, j: (i, 0)),
+      out_shape=jax.ShapeDtypeStruct((n, d), jnp.float32),
+      scratch_shapes=[pltpu.VMEM((bt, d), jnp.float32)],
+      compiler_params=params, interpret=interpret, name="logprob_entropy_dh",
+  )(h_nd, w_dv, tok_nl)
+  dw_dv = pl.pallas_call(
+      functools.partial(_dw_kernel, **kw), grid=(nv, nt),
+      in_specs=[pl.BlockSpec((bt, d), lambda j, i: (i, 0)),
+                pl.BlockSpec((d, bv), lambda j, i: (0, j)),
+                pl.BlockSpec((bt, _LANES), lambda j, i: (i, 0))],
+      out_specs=pl.BlockSpec((d, bv), lambda j, i: (0, j)),
+      out_shape=jax.ShapeDtypeStruct((d, v), w_dv.dtype),
+      scratch_shapes=[pltpu.VMEM((d, bv), jnp.float32)],
+      compiler_params=params, interpret=interpret, name="logprob_entropy_dw",
+  )(h_nd, w_dv, tok_nl)
+  return dh_nd, dw_dv
