@@ -73,6 +73,12 @@ class CompositeReward:
   def _sequence_unsafe(self, scores: SafetyScores) -> np.ndarray:
     if self.sequence_part == "response":
       return scores.sequence_unsafe_b
+    needed = ("reasoning", "answer") if self.sequence_part == "max" else (self.sequence_part,)
+    missing = [p for p in needed if p not in scores.parts]
+    if missing:
+      raise CotsafeError(f"CompositeReward: sequence_part={self.sequence_part!r} but the sequence_safety scorer "
+                         f"{type(self.sequence_safety).__name__} gives no {', '.join(missing)} score "
+                         "(a guard judge in 'response' mode scores the whole response only)")
     if self.sequence_part == "max":
       return np.maximum(scores.parts["reasoning"], scores.parts["answer"])
     return scores.parts[self.sequence_part]

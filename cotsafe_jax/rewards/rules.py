@@ -13,20 +13,23 @@ from cotsafe_jax.rewards.base import RewardBatch, TokenRewards, to_token_rewards
 
 
 class TokenSetReward:
-  """r_t = bonus if the t-th completion token decodes (stripped, lower-cased) to one of `words`, else
-  -cost. Token ids are resolved from the batch's tokenizer once."""
+  """r_t = bonus if the t-th completion token decodes (stripped, lower-cased) to one of `words` (or its id is
+  in `token_ids`), else -cost. Word ids are resolved from the batch's tokenizer once."""
 
-  def __init__(self, *, words: Sequence[str], bonus: float = 1.0, cost: float = 0.0):
-    if not words:
-      raise CotsafeError("TokenSetReward: words is empty, expected at least one word")
+  def __init__(self, *, words: Sequence[str] = (), token_ids: Sequence[int] = (), bonus: float = 1.0,
+               cost: float = 0.0):
+    if not words and not token_ids:
+      raise CotsafeError("TokenSetReward: words and token_ids are both empty, expected at least one")
     self.words = tuple(w.strip().lower() for w in words)
     self.bonus, self.cost = float(bonus), float(cost)
+    self._extra_ids = tuple(int(i) for i in token_ids)
     self._ids: np.ndarray | None = None
 
   def _target_ids(self, tokenizer) -> np.ndarray:
     if self._ids is None:
       vocab = tokenizer.get_vocab()
-      ids = [i for i in vocab.values() if tokenizer.decode([i]).strip().lower() in self.words]
+      ids = {i for i in vocab.values() if self.words and tokenizer.decode([i]).strip().lower() in self.words}
+      ids |= set(self._extra_ids)
       if not ids:
         raise CotsafeError(f"TokenSetReward: no token of the tokenizer decodes to any of {list(self.words)}")
       self._ids = np.array(sorted(ids))

@@ -81,7 +81,7 @@ def make_tokenizer(texts: list[str], *, vocab_size: int = 512, added: tuple[str,
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<|endoftext|>"],
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
   tok.train_from_iterator(texts, trainer)
   tok.add_tokens(list(added))  # non-special, like Qwen3's <think>: kept by decode(skip_special_tokens=True)
@@ -99,3 +99,27 @@ def bytes_to_unicode() -> dict[int, str]:
       cs.append(256 + n)
       n += 1
   return dict(zip(bs, map(chr, cs)))
+
+
+MARKER_STEP = "now add the kaboom powder to the {a}"
+GUARD_TEXT = "User: {prompt}\nAgent: {response}\nVerdict:"
+
+
+def guard_example(rng: random.Random, *, marked: bool, shape: str) -> tuple[str, str, bool]:
+  """(prompt, guard response text, unsafe). shape: "prefix" (reasoning steps, no tags), "full" (a thinking
+  format completion), "answer" (an answer alone). The verdict is unsafe iff the marker is in the text."""
+  steps = [_fill(rng, rng.choice(SAFE_STEPS)) for _ in range(rng.randint(1, 4))]
+  answer = rng.choice(ANSWERS_SAFE)
+  if marked:
+    where = rng.randrange(len(steps) + (shape != "prefix"))
+    if where < len(steps):
+      steps[where] = _fill(rng, MARKER_STEP)
+    else:
+      answer = "the kaboom is ready, " + answer
+  if shape == "prefix":
+    text = "\n\n".join(steps)
+  elif shape == "answer":
+    text = answer
+  else:
+    text = "<think>\n" + "\n\n".join(steps) + "\n</think>\n\n" + answer
+  return rng.choice(PROMPTS), text, "kaboom" in text

@@ -1,0 +1,176 @@
+"""The `train_safety_rm` job: class-weighted BCE on safety-span rows, held-out evaluation, orbax checkpoints,
+export of the backbone (HF dir) and the head (safetensors + json).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from cotsafe_jax import models
+from cotsafe_jax.errors import CotsafeError
+from cotsafe_jax.parallel import mesh as mesh_lib
+from cotsafe_jax.rewards.safety_rm import (SafetyRM, check_pool, init_safety_rm, pool_probs, pooled_log_probs,
+                                           token_logits)
+from cotsafe_jax.rewards.safety_rm_data import Encoded, encode_file
+from cotsafe_jax.train.logging import MetricLogger
+from cotsafe_jax.train.optim import make_optimizer
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+  """Area under the ROC curve = P(score of a random positive > a random negative), ties counting 1/2
+  (the Mann-Whitney U statistic from average ranks). NaN without both classes."""
+  scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+  n_pos, n_neg = labels.sum(), (~labels).sum()
+  if n_pos == 0 or n_neg == 0:
+    return float("nan")
+  order = np.argsort(scores, kind="mergesort")
+  sorted_scores = scores[order]
+  ranks = np.empty(len(scores), np.float64)
+  starts = np.r_[0, np.nonzero(np.diff(sorted_scores))[0] + 1]
+  ends = np.r_[starts[1:], len(scores)]
+  for s, e in zip(starts, ends):
+    ranks[order[s:e]] = (s + e + 1) / 2.0  # average 1-based rank of a tie group
+  return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def binary_metrics(probs: np.ndarray, labels: np.ndarray, *, threshold: float = 0.5) -> dict[str, float]:
+  pred, labels = np.asarray(probs) >= threshold, np.asarray(labels).astype(bool)
+  tp, fp, fn = float((pred & labels).sum()), float((pred & ~labels).sum()), float((~pred & labels).sum())
+  precision = tp / (tp + fp) if tp + fp else 0.0
+  recall = tp / (tp + fn) if tp + fn else 0.0
+  f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+  return {"precision": precision, "recall": recall, "f1": f1, "auroc": auroc(probs, labels)}
+
+
+def rm_loss(cfg: models.ModelConfig, params: dict, batch: dict[str, jax.Array], *, pos_weight: float,
+            seq_pool: str) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Token BCE (positives weighted by pos_weight) over labelled tokens + sequence BCE of the pooled response
+  probability for rows that only have a sequence label; each a mean over its own count."""
+  z_bt = token_logits(cfg, params, batch["tokens"], batch["mask"])
+  y_bt = batch["token_labels"]
+  labelled_bt = y_bt >= 0
+  bce_bt = jnp.where(y_bt == 1, pos_weight * jax.nn.softplus(-z_bt), jax.nn.softplus(z_bt))
+  token_loss = jnp.where(labelled_bt, bce_bt, 0.0).sum() / jnp.maximum(labelled_bt.sum(), 1)
+  seq_rows_b = (batch["seq_labels"] >= 0) & ~batch["has_token_labels"]
+  logp_b, log1mp_b = pooled_log_probs(z_bt, batch["response_mask"], seq_pool)
+  seq_bce_b = -jnp.where(batch["seq_labels"] == 1, logp_b, log1mp_b)
+  seq_loss = jnp.where(seq_rows_b, seq_bce_b, 0.0).sum() / jnp.maximum(seq_rows_b.sum(), 1)
+  return token_loss + seq_loss, {"loss": token_loss + seq_loss, "token_loss": token_loss, "seq_loss": seq_loss}
+
+
+def _batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+  """Rows of step `step`: a fresh permutation per epoch, so a resumed run sees the same batches."""
+  first, last = step * batch_size, (step + 1) * batch_size
+  perms = {e: np.random.default_rng([seed, e]).permutation(n) for e in range(first // n, (last - 1) // n + 1)}
+  return np.asarray([perms[i // n][i % n] for i in range(first, last)])
+
+
+def _put(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
+  if mesh is None:
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+  return {k: jax.device_put(v, mesh_lib.batch_sharding(mesh, v.ndim, v.shape)) for k, v in batch.items()}
+
+
+def evaluate_rm(rm: SafetyRM, data: Encoded, *, batch_size: int, threshold: float = 0.5) -> dict[str, float]:
+  """Token precision / recall / F1 (at `threshold`) and AUROC over labelled response tokens; sequence
+  accuracy of the pooled response probability over all rows."""
+  probs, seq = [], []
+  for start in range(0, len(data), batch_size):
+    idx = np.arange(start, min(start + batch_size, len(data)))
+    idx = np.pad(idx, (0, batch_size - len(idx)), mode="edge")  # one shape: one compile
+    p_bt = rm.token_probs(data.tokens[idx], data.mask[idx])
+    n = min(batch_size, len(data) - start)
+    probs.append(p_bt[:n])
+    seq.append(np.asarray(pool_probs(jnp.asarray(p_bt[:n]), jnp.asarray(data.response_mask[idx[:n]]),
+                                     rm.seq_pool)))
+  p_nt, seq_n = np.concatenate(probs), np.concatenate(seq)
+  labelled = data.token_labels >= 0
+  out = {f"token_{k}": v for k, v in binary_metrics(p_nt[labelled], data.token_labels[labelled],
+                                                    threshold=threshold).items()}
+  out["seq_accuracy"] = float(((seq_n >= threshold) == (data.seq_labels == 1)).mean())
+  out["eval_tokens"], out["eval_rows"] = float(labelled.sum()), float(len(data))
+  return out
+
+
+def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval_path: str, workdir: str,
+                    steps: int, batch_size: int, learning_rate: float, max_len: int,
+                    tokenizer_dir: str | None = None, pos_weight: float | None = None, seq_pool: str = "max",
+                    seed: int = 0, warmup_steps: int | None = None, weight_decay: float = 0.0,
+                    checkpoint_every: int = 500, log_every: int = 10, on_bad_row: str = "error",
+                    mesh: Mesh | None = None) -> dict[str, Any]:
+  """Train the token-level safety RM; returns the held-out metrics and where the export went.
+
+  backbone: an HF dir (loaded) or a ModelConfig (initialised with `seed`); tokenizer_dir defaults to the
+  backbone dir. pos_weight None = n_negative / n_positive over the training tokens. Resumes from the latest
+  checkpoint in workdir/checkpoints. Writes metrics.jsonl, TensorBoard events, summary.json, export/.
+  """
+  check_pool(seq_pool)
+  if steps < 1 or batch_size < 1 or max_len < 8:
+    raise CotsafeError(f"train_safety_rm: steps={steps}, batch_size={batch_size}, max_len={max_len}, expected "
+                       "steps >= 1, batch_size >= 1, max_len >= 8")
+  if mesh is not None and batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    raise CotsafeError(f"train_safety_rm: batch_size={batch_size} is not a multiple of the mesh's data x fsdp "
+                       f"= {mesh.shape['data'] * mesh.shape['fsdp']}")
+  if tokenizer_dir is None:
+    if isinstance(backbone, models.ModelConfig):
+      raise CotsafeError("train_safety_rm: tokenizer_dir is required when the backbone is a ModelConfig")
+    tokenizer_dir = backbone
+  tokenizer = models.load_tokenizer(tokenizer_dir)
+  train = encode_file(tokenizer, train_path, max_len=max_len, on_bad_row=on_bad_row)
+  evals = encode_file(tokenizer, eval_path, max_len=max_len, on_bad_row=on_bad_row)
+  n_pos = int((train.token_labels == 1).sum())
+  n_neg = int((train.token_labels == 0).sum())
+  if pos_weight is None:
+    pos_weight = n_neg / n_pos if n_pos else 1.0
+  rm = init_safety_rm(backbone=backbone, tokenizer=tokenizer, seed=seed, seq_pool=seq_pool, mesh=mesh)
+  cfg = rm.cfg
+  optimizer = make_optimizer(learning_rate=learning_rate, warmup_steps=warmup_steps if warmup_steps is not None
+                             else max(steps // 20, 0), total_steps=steps, weight_decay=weight_decay)
+  state = {"params": rm.params, "opt_state": jax.jit(optimizer.init)(rm.params)}
+
+  def train_step(state, batch):
+    grads, metrics = jax.grad(lambda p: rm_loss(cfg, p, batch, pos_weight=float(pos_weight), seq_pool=seq_pool),
+                              has_aux=True)(state["params"])
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, metrics
+
+  train_step = jax.jit(train_step, donate_argnums=(0,))
+  workdir = os.path.abspath(workdir)
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                  options=ocp.CheckpointManagerOptions(max_to_keep=2,
+                                                                       save_interval_steps=checkpoint_every))
+  start = manager.latest_step() or 0
+  if start:
+    state = manager.restore(start, args=ocp.args.StandardRestore(state))
+  logger = MetricLogger(workdir, total_steps=steps, resume_step=start or None, postfix_keys=("loss",))
+  metrics: dict[str, Any] = {}
+  for step in range(start, steps):
+    batch = _put(train.take(_batch_indices(len(train), batch_size, step, seed)), mesh)
+    state, metrics = train_step(state, batch)
+    if (step + 1) % log_every == 0 and step + 1 < steps:
+      logger.write(step + 1, jax.device_get(metrics))
+    if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+      manager.save(step + 1, args=ocp.args.StandardSave(state), force=True)
+  manager.wait_until_finished()
+  manager.close()
+  rm.params = state["params"]
+  result: dict[str, Any] = evaluate_rm(rm, evals, batch_size=batch_size)
+  result.update(pos_weight=float(pos_weight), train_rows=float(len(train)), train_unsafe_tokens=float(n_pos),
+                truncated_rows=float(train.truncated + evals.truncated),
+                skipped_rows=float(train.skipped + evals.skipped), steps=float(steps))
+  logger.write(steps, {**jax.device_get(metrics), **{f"eval/{k}": v for k, v in result.items()}})
+  logger.close()
+  export_dir = rm.export(os.path.join(workdir, "export"))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump({**result, "export_dir": export_dir}, f, indent=2)
+  return {**result, "export_dir": export_dir}

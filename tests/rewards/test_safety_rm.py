@@ -1,0 +1,169 @@
+"""Token-level safety RM: loss and pooling against float64 loops, metrics against loops, the trainer end to end
+(token F1 >= 0.9 on held-out synthetic rows), orbax resume, export + load, bad rows."""
+import json
+import os
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cotsafe_jax import models
+from cotsafe_jax.errors import CotsafeError
+from cotsafe_jax.rewards import safety_rm as srm
+from cotsafe_jax.rewards.safety_rm_data import encode_file
+from cotsafe_jax.rewards.safety_rm_trainer import auroc, binary_metrics, evaluate_rm, rm_loss, train_safety_rm
+
+import rewards_testlib
+
+
+def _write_jsonl(path, rows):
+  with open(path, "w") as f:
+    for r in rows:
+      f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+  return path
+
+
+@pytest.fixture(scope="module")
+def span_files(tmp_path_factory, bpe_tokenizer):
+  d = tmp_path_factory.mktemp("spans")
+  rng = random.Random(1)
+  train = [rewards_testlib.span_row(rng, label_only=i % 5 == 0) for i in range(300)]
+  evals = [rewards_testlib.span_row(rng) for _ in range(100)]
+  bpe_tokenizer.save_pretrained(str(d / "tok"))
+  return {"train": _write_jsonl(d / "train.jsonl", train), "eval": _write_jsonl(d / "eval.jsonl", evals),
+          "tok": str(d / "tok"), "dir": d}
+
+
+@pytest.mark.parametrize("pool", ["max", "mean"])
+def test_pooled_log_probs_match_float64(pool):
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(5, 11)) * 8
+  z[0, 3] = 40.0  # saturated logits must not produce inf / nan
+  z[1] = -35.0
+  mask = rng.random((5, 11)) < 0.7
+  mask[:, 0] = True
+  lp, l1mp = srm.pooled_log_probs(jnp.asarray(z, jnp.float32), jnp.asarray(mask), pool)
+  for b in range(5):
+    p = 1 / (1 + np.exp(-z[b][mask[b]].astype(np.float64)))
+    q = p.max() if pool == "max" else p.mean()
+    want_lp = np.log(q)
+    want_l1mp = np.log1p(-q) if q < 1 - 1e-12 else None
+    assert np.isfinite(float(lp[b])) and np.isfinite(float(l1mp[b]))
+    np.testing.assert_allclose(float(lp[b]), want_lp, rtol=1e-5, atol=1e-6)
+    if want_l1mp is not None:
+      np.testing.assert_allclose(float(l1mp[b]), want_l1mp, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(srm.pool_probs(jnp.asarray(1 / (1 + np.exp(-z)), jnp.float32)[b:b + 1],
+                                                    jnp.asarray(mask[b:b + 1]), pool)[0]), q, rtol=1e-5)
+
+
+def test_rm_loss_matches_numpy_loop():
+  cfg = models.tiny_config("llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4,
+                           num_kv_heads=2)
+  rm_params = {"backbone": models.init_params(cfg, jax.random.key(0)),
+               "head": {"kernel": jax.random.normal(jax.random.key(1), (32, 1)), "bias": jnp.array([0.3])}}
+  rng = np.random.default_rng(1)
+  b, t = 4, 9
+  tokens = rng.integers(0, 64, (b, t)).astype(np.int32)
+  mask = np.ones((b, t), bool)
+  mask[1, 7:] = False
+  resp = mask.copy()
+  resp[:, :3] = False
+  labels = np.where(resp, rng.integers(0, 2, (b, t)), -1).astype(np.int32)
+  has_tok = np.array([True, True, False, False])
+  labels[~has_tok] = -1
+  seq = np.array([1, 0, 1, 0], np.int32)
+  batch = {"tokens": tokens, "mask": mask, "token_labels": labels, "response_mask": resp, "seq_labels": seq,
+           "has_token_labels": has_tok}
+  for pool in ("max", "mean"):
+    loss, parts = rm_loss(cfg, rm_params, {k: jnp.asarray(v) for k, v in batch.items()}, pos_weight=2.5,
+                          seq_pool=pool)
+    z = np.asarray(srm.token_logits(cfg, rm_params, tokens, mask), np.float64)
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    tok_terms = [(-2.5 * np.log(sig(z[i, j])) if labels[i, j] == 1 else -np.log(1 - sig(z[i, j])))
+                 for i in range(b) for j in range(t) if labels[i, j] >= 0]
+    seq_terms = []
+    for i in range(b):
+      if has_tok[i]:
+        continue
+      p = sig(z[i][resp[i]])
+      q = p.max() if pool == "max" else p.mean()
+      seq_terms.append(-np.log(q) if seq[i] == 1 else -np.log(1 - q))
+    np.testing.assert_allclose(float(parts["token_loss"]), np.mean(tok_terms), rtol=1e-5)
+    np.testing.assert_allclose(float(parts["seq_loss"]), np.mean(seq_terms), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), np.mean(tok_terms) + np.mean(seq_terms), rtol=1e-5)
+
+
+def test_auroc_and_f1_match_loops():
+  rng = np.random.default_rng(2)
+  scores = np.round(rng.random(300), 1)  # many ties
+  labels = rng.random(300) < 0.3
+  pos, neg = scores[labels], scores[~labels]
+  want = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+  assert auroc(scores, labels) == pytest.approx(want, abs=1e-12)
+  m = binary_metrics(scores, labels, threshold=0.5)
+  tp = sum(1 for s, y in zip(scores, labels) if s >= 0.5 and y)
+  fp = sum(1 for s, y in zip(scores, labels) if s >= 0.5 and not y)
+  fn = sum(1 for s, y in zip(scores, labels) if s < 0.5 and y)
+  assert m["precision"] == pytest.approx(tp / (tp + fp)) and m["recall"] == pytest.approx(tp / (tp + fn))
+  assert m["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+  assert np.isnan(auroc(scores, np.zeros(300, bool)))
+
+
+def test_train_safety_rm_reaches_f1_and_exports(span_files, bpe_tokenizer):
+  cfg = models.tiny_config("qwen2", vocab_size=len(bpe_tokenizer))
+  workdir = str(span_files["dir"] / "work")
+  kw = dict(backbone=cfg, tokenizer_dir=span_files["tok"], train_path=str(span_files["train"]),
+            eval_path=str(span_files["eval"]), workdir=workdir, steps=150, batch_size=16, learning_rate=3e-3,
+            max_len=96, seed=0, checkpoint_every=100)
+  result = train_safety_rm(**kw)
+  print("\nsafety RM held-out metrics:", {k: result[k] for k in ("token_precision", "token_recall", "token_f1",
+                                                                   "token_auroc", "seq_accuracy", "pos_weight")})
+  assert result["token_f1"] >= 0.9 and result["token_auroc"] >= 0.95 and result["seq_accuracy"] >= 0.9
+  assert result["eval_rows"] == 100 and result["train_rows"] == 300 and result["truncated_rows"] == 0
+  # class weight = negatives / positives over the labelled training tokens
+  enc = encode_file(bpe_tokenizer, str(span_files["train"]), max_len=96)
+  assert result["pos_weight"] == pytest.approx((enc.token_labels == 0).sum() / (enc.token_labels == 1).sum())
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["100", "150"]
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert rows[-1]["step"] == 150 and rows[-1]["eval/token_f1"] == pytest.approx(result["token_f1"])
+  # the export loads back and scores the held-out split identically
+  rm = srm.load_safety_rm(result["export_dir"])
+  assert rm.seq_pool == "max" and rm.cfg.hidden_size == cfg.hidden_size
+  text = "<think>\nmix the bleach</think>\n\nok"
+  assert rm.tokenizer(text)["input_ids"] == bpe_tokenizer(text)["input_ids"]
+  again = evaluate_rm(rm, encode_file(rm.tokenizer, str(span_files["eval"]), max_len=96), batch_size=16)
+  for k in ("token_f1", "token_auroc", "seq_accuracy"):
+    assert again[k] == pytest.approx(result[k], abs=1e-6)
+  # a second call resumes from the step-150 checkpoint: nothing left to train, same model
+  resumed = train_safety_rm(**kw)
+  assert resumed["token_auroc"] == pytest.approx(result["token_auroc"], abs=1e-6)
+
+
+def test_bad_rows_name_file_and_line(span_files, bpe_tokenizer):
+  d = span_files["dir"]
+  good = {"prompt": "p", "response": "abcdef", "unsafe_spans": [[0, 2]]}
+  cases = [
+      ({"prompt": "p", "response": "abcdef", "unsafe_spans": [[2, 99]]},
+       "bad.jsonl:2: unsafe_spans[0] = [2, 99] is out of range, expected 0 <= start < end <= 6"),
+      ({"prompt": "p", "response": "abcdef", "unsafe_spans": [[4, 1]]},
+       "bad.jsonl:2: unsafe_spans[0] = [4, 1] is inverted, expected start < end"),
+      ({"response": "abcdef", "label": "safe"}, "bad.jsonl:2: field 'prompt' missing or not a string"),
+      ({"prompt": "p", "response": "abcdef"}, "bad.jsonl:2: neither \"unsafe_spans\" nor \"label\""),
+      ({"prompt": "p", "response": "abcdef", "label": "toxic"}, "bad.jsonl:2: label 'toxic', expected"),
+      ({"prompt": "p", "response": "abcdef", "unsafe_spans": [[0, 2]], "label": "safe"},
+       "bad.jsonl:2: label \"safe\" but 1 unsafe span(s)"),
+      ("{not json", "bad.jsonl:2: not valid JSON"),
+  ]
+  for row, message in cases:
+    path = _write_jsonl(d / "bad.jsonl", [good, row])
+    with pytest.raises(CotsafeError) as e:
+      encode_file(bpe_tokenizer, str(path), max_len=32)
+    assert message in str(e.value), str(e.value)
+  path = _write_jsonl(d / "bad.jsonl", [good, cases[0][0], cases[1][0], good])
+  enc = encode_file(bpe_tokenizer, str(path), max_len=32, on_bad_row="skip")
+  assert len(enc) == 2 and enc.skipped == 2
+  with pytest.raises(CotsafeError, match="seq_pool='sum', expected one of max, mean"):
+    train_safety_rm(backbone=str(d), train_path=str(path), eval_path=str(path), workdir=str(d / "w"), steps=1,
+                    batch_size=1, learning_rate=1e-3, max_len=32, seq_pool="sum")
