@@ -15,7 +15,7 @@ from cotsafe_jax import models
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.rollout.sampler import Buckets, GenerateOutput, generate
 
-THINK_OPEN = "<think>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,9 @@ def decode_completions(tokenizer: Any, texts: Sequence[str], out: GenerateOutput
   """Decode each row's masked tokens (a final stop id dropped) and split reasoning from answer."""
   tokens_bt, mask_bt, finished_b = (np.asarray(jax.device_get(x)) for x in
                                     (out.tokens_bt, out.mask_bt, out.finished_b))
+  # special tokens (pad, eos, ...) are dropped but never the think tags, which some tokenizers mark special
+  keep = {tokenizer.convert_tokens_to_ids(t) for t in (THINK_OPEN, THINK_CLOSE)}
+  drop = set(tokenizer.all_special_ids) - keep
   rows = []
   for prompt, toks_t, mask_t, fin in zip(texts, tokens_bt, mask_bt, finished_b):
     ids = toks_t[mask_t].tolist()
@@ -67,7 +70,7 @@ def decode_completions(tokenizer: Any, texts: Sequence[str], out: GenerateOutput
       ids = ids[:-1]
     # the template opened the think block in the prompt; put it back so the response is in thinking format
     opened = THINK_OPEN + prompt.rsplit(THINK_OPEN, 1)[1] if prompt.rstrip().endswith(THINK_OPEN) else ""
-    response = opened + tokenizer.decode(ids, skip_special_tokens=True)
+    response = opened + tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False)
     reasoning, answer = models.split_reasoning(response)
     rows.append(TextCompletion(prompt=prompt, response=response, reasoning=reasoning, answer=answer,
                                num_tokens=n, finished=bool(fin)))
