@@ -166,6 +166,13 @@ def check_batch_sizes(*, prompts_per_step: int, samples_per_prompt: int, ppo: pp
   return rows
 
 
+def _on_mesh(tree: Any, mesh) -> Any:
+  """Leaves living outside the mesh (scalars such as an optimizer's step count) become replicated on it."""
+  devices = set(mesh.devices.flat)
+  rep = parallel.replicated(mesh)
+  return jax.tree.map(lambda x: x if set(x.sharding.device_set) == devices else jax.device_put(x, rep), tree)
+
+
 def _host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
@@ -210,8 +217,7 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
       kl=controllers.init_kl_controller(ppo.adaptive_kl) if ppo.adaptive_kl else None,
       lagrangian=controllers.init_lagrangian(ppo.lagrangian) if ppo.lagrangian else None)
   replicated = parallel.replicated(mesh)
-  state = state.replace(**{k: jax.device_put(getattr(state, k), replicated)
-                           for k in ("step", "rng", "kl", "lagrangian")})
+  state = _on_mesh(state, mesh)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=save_interval_steps,
                       max_to_keep=max_to_keep, async_save=async_checkpoint)
@@ -328,6 +334,8 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
              "reward": float(reward_seq[i])} for i in range(min(num_logged_samples, len(rows_b)))])
       ckpt.save(step, state, data=data_it.get_state(), extra={"num_truncated": num_truncated},
                 force=stop.requested or step == num_steps)
+    if ckpt.latest_step() != step:  # a stop request may have come after this step's save call
+      ckpt.save(step, state, data=data_it.get_state(), extra={"num_truncated": num_truncated}, force=True)
     ckpt.close()
   hf_dir = None
   if export_hf and step >= num_steps:

@@ -1,0 +1,138 @@
+"""The PPO loop end to end on a tiny random policy: the reward rises, sharding does not change the maths,
+and a run stopped by SIGTERM resumes exactly."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cotsafe_jax import CotsafeError, models, parallel
+from cotsafe_jax.rewards.rules import TokenSetReward
+from cotsafe_jax.rl import AdvantageConfig, PolicyLoss
+from cotsafe_jax.rl.ppo import PPOConfig
+from cotsafe_jax.train import ppo_trainer as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOKENIZER = os.path.join(ROOT, "data", "tiny_tokenizer")
+PROMPTS = os.path.join(ROOT, "data", "tiny_prompts.jsonl")
+CFG = models.tiny_config("qwen2", vocab_size=640)
+TARGET_IDS = tuple(range(100, 164))  # 10% of the vocabulary: a dense, easily learnable token reward
+
+
+def _train(workdir, *, num_steps, mesh=None, estimator="gae", **kw):
+  ppo = PPOConfig(advantage=AdvantageConfig(estimator=estimator, group_size=kw.pop("group_size", 1)),
+                  policy_loss=PolicyLoss(clip_high=0.28), kl_coef=0.01, epochs=2, num_minibatches=2)
+  return T.train(workdir=str(workdir), policy=T.PolicySpec(config=CFG, tokenizer_dir=TOKENIZER),
+                 reward=TokenSetReward(token_ids=TARGET_IDS), prompts=PROMPTS, ppo=ppo,
+                 rollout=T.RolloutConfig(max_prompt_len=48, max_new_tokens=16, **kw.pop("rollout", {})),
+                 optim=T.OptimConfig(learning_rate=3e-3), num_steps=num_steps, prompts_per_step=8, mesh=mesh,
+                 async_checkpoint=False, export_hf=False, **kw)
+
+
+def test_mean_reward_rises_within_20_iterations(tmp_path):
+  out = _train(tmp_path, num_steps=20, mesh=parallel.single_device_mesh())
+  rewards = [h["reward/mean"] for h in out["history"]]
+  first, last = np.mean(rewards[:4]), np.mean(rewards[-4:])
+  print(f"reward/mean first 4 steps {first:.3f} -> last 4 steps {last:.3f}")
+  assert last > 1.5 * first and last - first > 1.0, rewards
+
+
+def _numeric(row):
+  return {k: v for k, v in row.items() if not k.startswith(("time/", "perf/"))}
+
+
+def test_first_iteration_sharded_equals_single_device(tmp_path):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (simulated) devices")
+  one = _train(tmp_path / "one", num_steps=1, mesh=parallel.single_device_mesh())["history"][0]
+  eight = _train(tmp_path / "eight", num_steps=1, mesh=parallel.make_mesh(data=2, fsdp=2, tensor=2))["history"][0]
+  one, eight = _numeric(one), _numeric(eight)
+  assert one.keys() == eight.keys()
+  for k in one:
+    assert abs(one[k] - eight[k]) <= 1e-4 * max(1.0, abs(one[k])), (k, one[k], eight[k])
+
+
+def test_batch_sizes_must_divide(tmp_path):
+  mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2) if jax.device_count() >= 8 else None
+  with pytest.raises(CotsafeError, match="6 rows do not divide into num_minibatches=4"):
+    T.check_batch_sizes(prompts_per_step=3, samples_per_prompt=2, ppo=PPOConfig(num_minibatches=4),
+                        mesh=parallel.single_device_mesh())
+  with pytest.raises(CotsafeError, match="minibatch of 8 rows does not divide into num_microbatches=3"):
+    T.check_batch_sizes(prompts_per_step=8, samples_per_prompt=1, ppo=PPOConfig(num_microbatches=3),
+                        mesh=parallel.single_device_mesh())
+  if mesh is not None:
+    with pytest.raises(CotsafeError, match=r"microbatch of 2 rows \(of 4 per step\) does not divide over the 4 "
+                                           r"data x fsdp devices"):
+      T.check_batch_sizes(prompts_per_step=4, samples_per_prompt=1, ppo=PPOConfig(num_minibatches=2), mesh=mesh)
+  with pytest.raises(CotsafeError, match="group_size=2 must equal samples_per_prompt=4 for grpo"):
+    T.check_batch_sizes(prompts_per_step=2, samples_per_prompt=4,
+                        ppo=PPOConfig(advantage=AdvantageConfig(estimator="grpo", group_size=2)),
+                        mesh=parallel.single_device_mesh())
+
+
+def test_long_prompts_cut_from_the_left_or_rejected_and_counted():
+  tok = models.load_tokenizer(TOKENIZER)
+  rows = [{"prompt": "short?", "kind": "benign", "id": "a"},
+          {"prompt": "tom has 3 apples, buys 4, gives 2, finds 5 and loses 1. how many apples now?",
+           "kind": "reasoning", "id": "long-1"}]
+  full = tok(models.apply_chat_template(tok, rows[1]["prompt"]), add_special_tokens=False)["input_ids"]
+  n = len(full) - 5
+  tokens, mask, truncated = T.encode_prompts(tok, rows, max_prompt_len=n, truncate="left", pad_id=0)
+  assert truncated == 1
+  assert list(tokens[1]) == full[-n:] and mask[1].all()  # the end of the prompt (generation prompt) is kept
+  assert not mask[0, 0] and mask[0, -1]  # left padding
+  with pytest.raises(CotsafeError, match=f"prompt long-1: {len(full)} tokens > max_prompt_len={n}"):
+    T.encode_prompts(tok, rows, max_prompt_len=n, truncate="error", pad_id=0)
+
+
+def _launch(workdir, num_steps):
+  cmd = [sys.executable, os.path.join(ROOT, "launch", "tpu_run.py"),
+         "--gin_file=gin/experiments/tiny_ppo_cpu.gin", f"--gin_param=ppo_train.num_steps={num_steps}",
+         "--gin_param=ppo_train.prompts_per_step=8", "--gin_param=RolloutConfig.max_new_tokens=16",
+         "--gin_param=ppo_train.save_interval_steps=1", f"--workdir={workdir}"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def test_sigterm_then_rerun_resumes_exactly(tmp_path):
+  straight = _launch(tmp_path / "straight", 4)
+  out, err = straight.communicate(timeout=600)
+  assert straight.returncode == 0, err
+
+  stopped = _launch(tmp_path / "stopped", 4)
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    if os.path.exists(tmp_path / "stopped" / "metrics.jsonl") and len(_rows(tmp_path / "stopped")) >= 2:
+      break
+    time.sleep(0.02)
+  stopped.send_signal(signal.SIGTERM)  # lands during step 3 (or right after step 2)
+  out, err = stopped.communicate(timeout=600)
+  assert stopped.returncode == 0, err
+  logged = [r["step"] for r in _rows(tmp_path / "stopped")]
+  assert logged[-1] in (2, 3) and "stopped early" in out
+  saved = sorted(int(d) for d in os.listdir(tmp_path / "stopped" / "checkpoints") if d.isdigit())
+  assert saved[-1] == logged[-1]  # the step in flight finished and was checkpointed
+
+  resumed = _launch(tmp_path / "stopped", 4)
+  out, err = resumed.communicate(timeout=600)
+  assert resumed.returncode == 0, err
+  a = [_numeric(r) for r in _rows(tmp_path / "straight")]
+  b = [_numeric(r) for r in _rows(tmp_path / "stopped")]
+  assert [r["step"] for r in b] == [1, 2, 3, 4]
+  for ra, rb in zip(a, b):
+    assert ra.keys() == rb.keys()
+    for k in ra:
+      if ra[k] is None:  # NaN (e.g. explained variance of constant returns) is written as null
+        assert rb[k] is None, (ra["step"], k)
+      else:
+        assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-7), (ra["step"], k)
