@@ -17,7 +17,7 @@ from cotsafe_jax import models, parallel, rewards, rl
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.rewards.rules import TokenSetReward
 from cotsafe_jax.rl import ppo as ppo_lib
-from cotsafe_jax.train import ppo_trainer
+from cotsafe_jax.train import ppo_trainer, sft_trainer
 
 for _fn, _name in [
     (models.ModelConfig, "ModelConfig"), (models.tiny_config, "tiny_config"), (parallel.make_mesh, "make_mesh"),
@@ -26,7 +26,7 @@ for _fn, _name in [
     (ppo_lib.PPOConfig, "PPOConfig"), (ppo_trainer.PolicySpec, "PolicySpec"),
     (ppo_trainer.RolloutConfig, "RolloutConfig"), (ppo_trainer.OptimConfig, "OptimConfig"),
     (rewards.CompositeReward, "CompositeReward"), (rewards.RefusalDetector, "RefusalDetector"),
-    (TokenSetReward, "TokenSetReward"),
+    (TokenSetReward, "TokenSetReward"), (sft_trainer.SFTConfig, "SFTConfig"),
 ]:
   gin.external_configurable(_fn, _name)
 
@@ -114,6 +114,18 @@ def ppo_train(*, workdir: str, num_steps: int = gin.REQUIRED, policy: ppo_traine
     state = "stopped early (checkpoint saved; rerun the same command to resume)" if out["stopped_early"] else "done"
     print(f"ppo_train: {state} at step {out['step']}/{num_steps}; reward/mean {m.get('reward/mean', float('nan')):.4f}"
           + (f"; policy exported to {out['hf_dir']}" if out["hf_dir"] else ""))
+  return out
+
+
+@gin.configurable
+def sft_train(*, workdir: str, data: str = gin.REQUIRED, config: sft_trainer.SFTConfig = gin.REQUIRED,
+              **kwargs) -> dict[str, Any]:
+  """Supervised fine-tuning with the loss on assistant tokens (see train/sft_trainer.sft_train)."""
+  out = sft_trainer.sft_train(workdir=workdir, data=data, config=config, **kwargs)
+  if parallel.is_main_process():
+    state = "stopped early (checkpoint saved; rerun to resume)" if out.get("stopped_early") else "done"
+    print(f"sft_train: {state} at step {out.get('step')}; loss {out.get('loss', float('nan')):.4f}"
+          + (f"; exported to {out['hf_dir']}" if out.get("hf_dir") else ""))
   return out
 
 

@@ -41,13 +41,18 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Any:
   return mesh_lib.tree_shardings(mesh, param_logical_axes(cfg), param_shapes(cfg))
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array, *, mesh: Mesh | None = None) -> Params:
-  """Random params, created directly on their shardings when a mesh is given."""
+@functools.lru_cache(maxsize=32)
+def _init_fn(cfg: ModelConfig, mesh: Mesh | None):
   def init(r):
     boxed = Decoder(cfg).init(r, jnp.zeros((1, 1), jnp.int32), method=Decoder.init_all)["params"]
     return nn.meta.unbox(boxed)
   shardings = None if mesh is None else param_shardings(cfg, mesh)
-  return jax.jit(init, out_shardings=shardings)(rng)
+  return jax.jit(init, out_shardings=shardings)  # one compile per (config, mesh)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, *, mesh: Mesh | None = None) -> Params:
+  """Random params, created directly on their shardings when a mesh is given."""
+  return _init_fn(cfg, mesh)(rng)
 
 
 def _attention_bias(key_valid_bs: jax.Array, q_slot_t: jax.Array, k_slot_s: jax.Array) -> jax.Array:
