@@ -265,6 +265,8 @@ def load_guard_judge(path: str, *, template: GuardTemplate | str = LLAMA_GUARD_3
                      threshold: float = 0.5, mesh: Mesh | None = None, dtype: Any = jnp.bfloat16,
                      batch_size: int = 8, max_len: int = 4096, max_steps: int = 16) -> GuardJudge:
   """A GuardJudge from a local HF dir (weights and tokenizer); `template` a GuardTemplate or a known name."""
+  if not path:
+    raise CotsafeError(f"load_guard_judge: path={path!r}, expected a local guard model HF dir")
   if isinstance(template, str):
     if template not in TEMPLATES:
       raise CotsafeError(f"guard template {template!r} unknown, expected one of {', '.join(TEMPLATES)} or a "

@@ -138,6 +138,8 @@ def init_safety_rm(*, backbone: str | models.ModelConfig, tokenizer: Any, seed: 
 def load_safety_rm(export_dir: str, *, mesh: Mesh | None = None, dtype: Any = jnp.float32,
                    seq_pool: str | None = None) -> SafetyRM:
   """Load an export written by SafetyRM.export / train_safety_rm; `seq_pool` overrides the saved one."""
+  if not export_dir:
+    raise CotsafeError(f"load_safety_rm: export_dir={export_dir!r}, expected a safety RM export dir")
   cfg_path = os.path.join(export_dir, HEAD_CONFIG)
   if not os.path.exists(cfg_path):
     raise CotsafeError(f"{cfg_path}: not found (expected a safety RM export: {BACKBONE_DIR}/, {HEAD_FILE}, "

@@ -5,76 +5,27 @@ The prompt is rendered with the tokenizer's chat template when it has one, as th
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from typing import Any, Iterator
+from typing import Any, Mapping
 
 import numpy as np
 
 from cotsafe_jax import models
-from cotsafe_jax.errors import CotsafeError
-from cotsafe_jax.rewards.spans import labels_from_offsets, normalize_spans, tokenize_with_offsets
-
-BAD_ROW_MODES = ("error", "skip")
-
-
-def read_rows(path: str) -> Iterator[tuple[str, Any]]:
-  """(where, row) pairs of a .jsonl file (one JSON object a line) or a .json list; where = "file:line"."""
-  if not os.path.exists(path):
-    raise CotsafeError(f"{path}: not found (expected a .jsonl or .json file of safety-span rows)")
-  if path.endswith(".json"):
-    with open(path, encoding="utf-8") as f:
-      try:
-        rows = json.load(f)
-      except json.JSONDecodeError as e:
-        raise CotsafeError(f"{path}:{e.lineno}: not valid JSON ({e.msg}), expected a list of row objects") from None
-    if not isinstance(rows, list):
-      raise CotsafeError(f"{path}:1: a {type(rows).__name__}, expected a list of row objects")
-    for i, row in enumerate(rows):
-      yield f"{path}: row {i}", row
-    return
-  if not path.endswith(".jsonl"):
-    raise CotsafeError(f"{path}: unsupported file type, expected .jsonl or .json")
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        yield f"{path}:{n}", json.loads(line)
-      except json.JSONDecodeError as e:
-        raise CotsafeError(f"{path}:{n}: not valid JSON ({e.msg}), expected one JSON object per line") from None
-
+from cotsafe_jax.data.sources import load_spans
+from cotsafe_jax.rewards.spans import labels_from_offsets, tokenize_with_offsets
 
 @dataclasses.dataclass(frozen=True)
 class SpanRow:
   prompt: str
   response: str
-  spans: list[tuple[int, int]] | None  # None: sequence label only
+  spans: list[tuple[int, int]] | None  # None: a sequence label only
   label: int  # 1 unsafe, 0 safe
 
 
-def parse_row(row: Any, where: str) -> SpanRow:
-  if not isinstance(row, dict):
-    raise CotsafeError(f"{where}: a {type(row).__name__}, expected a JSON object with prompt, response, "
-                       "unsafe_spans and/or label")
-  for key in ("prompt", "response"):
-    if not isinstance(row.get(key), str):
-      raise CotsafeError(f"{where}: field {key!r} missing or not a string, expected a string")
-  label = row.get("label")
-  if label is not None and label not in ("safe", "unsafe"):
-    raise CotsafeError(f"{where}: label {label!r}, expected \"safe\" or \"unsafe\"")
-  raw_spans = row.get("unsafe_spans")
-  if raw_spans is None and label is None:
-    raise CotsafeError(f"{where}: neither \"unsafe_spans\" nor \"label\", expected at least one")
-  spans = None if raw_spans is None else normalize_spans(raw_spans, length=len(row["response"]), where=where)
-  if spans is not None and label == "safe" and spans:
-    raise CotsafeError(f"{where}: label \"safe\" but {len(spans)} unsafe span(s), expected label \"unsafe\" "
-                       "or no label")
-  if spans is not None and label == "unsafe" and not spans:
-    raise CotsafeError(f"{where}: label \"unsafe\" but unsafe_spans is empty, expected the unsafe spans "
-                       "(or no unsafe_spans field for a sequence label only)")
-  unsafe = bool(spans) if spans is not None else label == "unsafe"
-  return SpanRow(row["prompt"], row["response"], spans, int(unsafe))
+def _span_row(row: dict) -> SpanRow:
+  """An unsafe row without spans has a sequence label only; a safe row's tokens are all safe."""
+  spans = [tuple(s) for s in row["unsafe_spans"]]
+  unsafe = row["label"] == "unsafe"
+  return SpanRow(row["prompt"], row["response"], None if unsafe and not spans else spans, int(unsafe))
 
 
 def render_prompt(tokenizer: Any, prompt: str, response: str) -> tuple[str, int]:
@@ -131,19 +82,11 @@ def encode_row(tokenizer: Any, row: SpanRow, max_len: int) -> tuple[np.ndarray, 
   return ids, labels, resp, truncated
 
 
-def encode_file(tokenizer: Any, path: str, *, max_len: int, on_bad_row: str = "error") -> Encoded:
-  if on_bad_row not in BAD_ROW_MODES:
-    raise CotsafeError(f"on_bad_row={on_bad_row!r}, expected one of {', '.join(BAD_ROW_MODES)}")
-  rows, skipped = [], 0
-  for where, raw in read_rows(path):
-    try:
-      rows.append(parse_row(raw, where))
-    except CotsafeError:
-      if on_bad_row == "error":
-        raise
-      skipped += 1
-  if not rows:
-    raise CotsafeError(f"{path}: no usable rows (skipped {skipped}), expected safety-span rows")
+def encode_file(tokenizer: Any, source: str, *, max_len: int, columns: Mapping[str, str] | str | None = None,
+                on_bad_row: str = "raise") -> Encoded:
+  """Read safety-span rows with data.load_spans (any supported format; "file:line: ..." errors) and encode."""
+  loaded = load_spans(source, columns=columns, on_bad_row=on_bad_row)
+  rows = [_span_row(r) for r in loaded.rows]
   n = len(rows)
   out = {"tokens": np.zeros((n, max_len), np.int32), "mask": np.zeros((n, max_len), bool),
          "token_labels": np.full((n, max_len), -1, np.int32), "response_mask": np.zeros((n, max_len), bool)}
@@ -155,4 +98,4 @@ def encode_file(tokenizer: Any, path: str, *, max_len: int, on_bad_row: str = "e
     truncated += cut
   return Encoded(**out, seq_labels=np.array([r.label for r in rows], np.int32),
                  has_token_labels=np.array([r.spans is not None for r in rows]), truncated=truncated,
-                 skipped=skipped)
+                 skipped=loaded.num_skipped)

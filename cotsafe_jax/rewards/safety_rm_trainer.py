@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -104,12 +104,14 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
                     steps: int, batch_size: int, learning_rate: float, max_len: int,
                     tokenizer_dir: str | None = None, pos_weight: float | None = None, seq_pool: str = "max",
                     seed: int = 0, warmup_steps: int | None = None, weight_decay: float = 0.0,
-                    checkpoint_every: int = 500, log_every: int = 10, on_bad_row: str = "error",
+                    checkpoint_every: int = 500, log_every: int = 10,
+                    columns: Mapping[str, str] | str | None = None, on_bad_row: str = "raise",
                     mesh: Mesh | None = None) -> dict[str, Any]:
   """Train the token-level safety RM; returns the held-out metrics and where the export went.
 
   backbone: an HF dir (loaded) or a ModelConfig (initialised with `seed`); tokenizer_dir defaults to the
-  backbone dir. pos_weight None = n_negative / n_positive over the training tokens. Resumes from the latest
+  backbone dir. Data: any format data.load_spans reads (`columns`: a field map or preset; on_bad_row: raise |
+  skip). pos_weight None = n_negative / n_positive over the training tokens. Resumes from the latest
   checkpoint in workdir/checkpoints. Writes metrics.jsonl, TensorBoard events, summary.json, export/.
   """
   check_pool(seq_pool)
@@ -124,8 +126,8 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
       raise CotsafeError("train_safety_rm: tokenizer_dir is required when the backbone is a ModelConfig")
     tokenizer_dir = backbone
   tokenizer = models.load_tokenizer(tokenizer_dir)
-  train = encode_file(tokenizer, train_path, max_len=max_len, on_bad_row=on_bad_row)
-  evals = encode_file(tokenizer, eval_path, max_len=max_len, on_bad_row=on_bad_row)
+  train = encode_file(tokenizer, train_path, max_len=max_len, columns=columns, on_bad_row=on_bad_row)
+  evals = encode_file(tokenizer, eval_path, max_len=max_len, columns=columns, on_bad_row=on_bad_row)
   n_pos = int((train.token_labels == 1).sum())
   n_neg = int((train.token_labels == 0).sum())
   if pos_weight is None:

@@ -1,7 +1,7 @@
 """Shared fixtures for tests/rewards: one tokenizer per session (training it takes ~0.1 s)."""
 import pytest
 
-import rewards_testlib
+from tests.rewards import rewards_testlib
 
 
 @pytest.fixture(scope="session")

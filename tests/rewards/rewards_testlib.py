@@ -90,7 +90,7 @@ def make_tokenizer(texts: list[str], *, vocab_size: int = 512, added: tuple[str,
 
 def bytes_to_unicode() -> dict[int, str]:
   """GPT-2's byte -> printable character table (the byte-level BPE alphabet)."""
-  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+  bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
   cs = bs[:]
   n = 0
   for b in range(256):

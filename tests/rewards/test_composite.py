@@ -36,7 +36,8 @@ def make_batch(tok, prompts, pieces_per_row, kinds, references, t_max=48):
 
 
 ROWS = [  # (prompt, pieces, kind, reference)
-    ("How do I make a bomb?", ["<think>\nthis is dangerous.\n</think>", "\n\nI can't help with that."], "harmful", None),
+    ("How do I make a bomb?", ["<think>\nthis is dangerous.\n</think>", "\n\nI can't help with that."], "harmful",
+     None),
     ("How do I kill a python process?", ["<think>\nuse kill.\n</think>", "\n\nI'm sorry, but I cannot assist."],
      "benign", None),
     ("What is 6*7?", ["<think>\n6*7=42.\n</think>", "\n\nThe answer is \\boxed{42}."], "reasoning", "42"),
@@ -114,3 +115,51 @@ def test_bad_kind_missing_reference_and_bad_config(bpe_tokenizer):
     CompositeReward(weights={"benign": {"format": -1.0}})
   with pytest.raises(CotsafeError, match="weights use token_safety but no token_safety scorer"):
     CompositeReward(weights={"benign": {"token_safety": 1.0}})
+
+
+def test_token_safety_from_the_rm_lands_on_each_token(bpe_tokenizer):
+  """A (random-init) safety RM as both safety scorers: -w_tok * P_t on each completion token, and
+  -w_seq * max_t P_t added on the last one; P_t checked against the RM run on each unpadded row alone."""
+  import jax
+  from cotsafe_jax import models
+  from cotsafe_jax.parallel import make_mesh
+  from cotsafe_jax.rewards import SafetyRM, init_safety_rm
+
+  tok = bpe_tokenizer
+  cfg = models.tiny_config("qwen2", vocab_size=len(tok))
+  rm = init_safety_rm(backbone=cfg, tokenizer=tok, seed=3)
+  rm.params["head"]["kernel"] = rm.params["head"]["kernel"] * 50  # spread the probabilities out
+  rows = list(zip(*ROWS))
+  batch, starts = make_batch(tok, *rows)
+  w = {k: {**v, "token_safety": 2.0, "sequence_safety": 0.5} for k, v in W.items()}
+  out = CompositeReward(weights=w, token_safety=rm, sequence_safety=rm)(batch)
+  base = np.asarray(CompositeReward(weights=W)(batch).values_bt)
+  want = base.copy()
+  for i in range(len(ROWS)):
+    n = starts[i][-1]
+    if n == 0:
+      continue
+    ids = np.concatenate([batch.prompt_tokens_bp[i][batch.prompt_mask_bp[i]], batch.completion_tokens_bt[i][:n]])
+    p = rm.token_probs(ids[None], np.ones((1, len(ids)), bool))[0, -n:]
+    assert p.max() - p.min() > 0.05
+    want[i, :n] -= 2.0 * p
+    want[i, n - 1] -= 0.5 * p.max()
+  np.testing.assert_allclose(np.asarray(out.values_bt), want, atol=2e-5)
+  assert np.asarray(out.components["token_safety"]).shape == batch.completion_mask_bt.shape
+  # the same RM sharded on a (data=4, fsdp=2) mesh gives the same scores
+  mesh = make_mesh(data=4, fsdp=2, tensor=1)
+  params = {"backbone": jax.device_put(rm.params["backbone"], models.param_shardings(cfg, mesh)),
+            "head": rm.params["head"]}
+  sharded = SafetyRM(cfg=cfg, params=params, tokenizer=tok, mesh=mesh).score(batch)
+  np.testing.assert_allclose(sharded.token_unsafe_bt, rm.score(batch).token_unsafe_bt, atol=1e-5)
+  # a whole-response guard judge has no part scores: asking for one is an error naming the part
+  from cotsafe_jax.rewards import GuardJudge, GuardTemplate
+  template = GuardTemplate(name="t", text="User: {prompt}\nAgent: {response}\nVerdict:", unsafe_words=(" the",),
+                           safe_words=(" and",))  # any single tokens do for this check
+  judge = GuardJudge(cfg=cfg, params=rm.params["backbone"], tokenizer=tok, template=template, mode="response")
+  with pytest.raises(CotsafeError, match="sequence_part='reasoning' but the sequence_safety scorer GuardJudge "
+                                         "gives no reasoning score"):
+    CompositeReward(weights={"benign": {"sequence_safety": 1.0}}, sequence_safety=judge,
+                    sequence_part="reasoning")(batch)
+  with pytest.raises(CotsafeError, match="token_safety scorer GuardJudge has no token resolution"):
+    CompositeReward(weights={"benign": {"token_safety": 1.0}}, token_safety=judge)

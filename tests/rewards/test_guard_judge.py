@@ -15,11 +15,11 @@ from cotsafe_jax.parallel import make_mesh
 from cotsafe_jax.rewards import RewardBatch
 from cotsafe_jax.rewards.guard_judge import LLAMA_GUARD_3, QWEN3_GUARD, GuardJudge, GuardTemplate
 
-import rewards_testlib as tl
+from tests.rewards import rewards_testlib as tl
 
 TEMPLATE = GuardTemplate(name="tiny_guard", text=tl.GUARD_TEXT, unsafe_words=(" unsafe",), safe_words=(" safe",))
 SEQ = 96
-SFT_STEPS, SFT_BATCH = 150, 32
+SFT_STEPS, SFT_BATCH = 100, 32
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def guard():
   """(cfg, params, tokenizer): a 2-layer model after a few hundred SFT steps on verdicts."""
   rng = random.Random(0)
   shapes = ("prefix", "full", "answer")
-  examples = [tl.guard_example(rng, marked=rng.random() < 0.5, shape=rng.choice(shapes)) for _ in range(1500)]
+  examples = [tl.guard_example(rng, marked=rng.random() < 0.5, shape=rng.choice(shapes)) for _ in range(1000)]
   texts = [TEMPLATE.render(p, r) + (" unsafe" if y else " safe") for p, r, y in examples]
   tok = tl.make_tokenizer(texts + tl.corpus(100), vocab_size=600)
   cfg = models.tiny_config("qwen3", vocab_size=len(tok), num_heads=4, num_kv_heads=2)

@@ -12,10 +12,11 @@ import pytest
 from cotsafe_jax import models
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.rewards import safety_rm as srm
+from cotsafe_jax.rewards import spans_to_token_labels
 from cotsafe_jax.rewards.safety_rm_data import encode_file
 from cotsafe_jax.rewards.safety_rm_trainer import auroc, binary_metrics, evaluate_rm, rm_loss, train_safety_rm
 
-import rewards_testlib
+from tests.rewards import rewards_testlib
 
 
 def _write_jsonl(path, rows):
@@ -76,13 +77,15 @@ def test_rm_loss_matches_numpy_loop():
   seq = np.array([1, 0, 1, 0], np.int32)
   batch = {"tokens": tokens, "mask": mask, "token_labels": labels, "response_mask": resp, "seq_labels": seq,
            "has_token_labels": has_tok}
+  jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+  got = jax.jit(lambda p: {pool: rm_loss(cfg, p, jbatch, pos_weight=2.5, seq_pool=pool)
+                           for pool in ("max", "mean")})(rm_params)  # one compile for both pools
+  z = np.asarray(jax.jit(srm.token_logits, static_argnums=0)(cfg, rm_params, tokens, mask), np.float64)
+  sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+  tok_terms = [(-2.5 * np.log(sig(z[i, j])) if labels[i, j] == 1 else -np.log(1 - sig(z[i, j])))
+               for i in range(b) for j in range(t) if labels[i, j] >= 0]
   for pool in ("max", "mean"):
-    loss, parts = rm_loss(cfg, rm_params, {k: jnp.asarray(v) for k, v in batch.items()}, pos_weight=2.5,
-                          seq_pool=pool)
-    z = np.asarray(srm.token_logits(cfg, rm_params, tokens, mask), np.float64)
-    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
-    tok_terms = [(-2.5 * np.log(sig(z[i, j])) if labels[i, j] == 1 else -np.log(1 - sig(z[i, j])))
-                 for i in range(b) for j in range(t) if labels[i, j] >= 0]
+    loss, parts = got[pool]
     seq_terms = []
     for i in range(b):
       if has_tok[i]:
@@ -115,7 +118,7 @@ def test_train_safety_rm_reaches_f1_and_exports(span_files, bpe_tokenizer):
   cfg = models.tiny_config("qwen2", vocab_size=len(bpe_tokenizer))
   workdir = str(span_files["dir"] / "work")
   kw = dict(backbone=cfg, tokenizer_dir=span_files["tok"], train_path=str(span_files["train"]),
-            eval_path=str(span_files["eval"]), workdir=workdir, steps=150, batch_size=16, learning_rate=3e-3,
+            eval_path=str(span_files["eval"]), workdir=workdir, steps=120, batch_size=16, learning_rate=3e-3,
             max_len=96, seed=0, checkpoint_every=100)
   result = train_safety_rm(**kw)
   print("\nsafety RM held-out metrics:", {k: result[k] for k in ("token_precision", "token_recall", "token_f1",
@@ -125,9 +128,9 @@ def test_train_safety_rm_reaches_f1_and_exports(span_files, bpe_tokenizer):
   # class weight = negatives / positives over the labelled training tokens
   enc = encode_file(bpe_tokenizer, str(span_files["train"]), max_len=96)
   assert result["pos_weight"] == pytest.approx((enc.token_labels == 0).sum() / (enc.token_labels == 1).sum())
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["100", "150"]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["100", "120"]
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert rows[-1]["step"] == 150 and rows[-1]["eval/token_f1"] == pytest.approx(result["token_f1"])
+  assert rows[-1]["step"] == 120 and rows[-1]["eval/token_f1"] == pytest.approx(result["token_f1"])
   # the export loads back and scores the held-out split identically
   rm = srm.load_safety_rm(result["export_dir"])
   assert rm.seq_pool == "max" and rm.cfg.hidden_size == cfg.hidden_size
@@ -136,31 +139,36 @@ def test_train_safety_rm_reaches_f1_and_exports(span_files, bpe_tokenizer):
   again = evaluate_rm(rm, encode_file(rm.tokenizer, str(span_files["eval"]), max_len=96), batch_size=16)
   for k in ("token_f1", "token_auroc", "seq_accuracy"):
     assert again[k] == pytest.approx(result[k], abs=1e-6)
-  # a second call resumes from the step-150 checkpoint: nothing left to train, same model
+  # a second call resumes from the step-120 checkpoint: nothing left to train, same model
   resumed = train_safety_rm(**kw)
   assert resumed["token_auroc"] == pytest.approx(result["token_auroc"], abs=1e-6)
 
 
-def test_bad_rows_name_file_and_line(span_files, bpe_tokenizer):
+def test_rows_labels_and_bad_rows(span_files, bpe_tokenizer):
   d = span_files["dir"]
   good = {"prompt": "p", "response": "abcdef", "unsafe_spans": [[0, 2]]}
-  cases = [
-      ({"prompt": "p", "response": "abcdef", "unsafe_spans": [[2, 99]]},
-       "bad.jsonl:2: unsafe_spans[0] = [2, 99] is out of range, expected 0 <= start < end <= 6"),
-      ({"prompt": "p", "response": "abcdef", "unsafe_spans": [[4, 1]]},
-       "bad.jsonl:2: unsafe_spans[0] = [4, 1] is inverted, expected start < end"),
-      ({"response": "abcdef", "label": "safe"}, "bad.jsonl:2: field 'prompt' missing or not a string"),
-      ({"prompt": "p", "response": "abcdef"}, "bad.jsonl:2: neither \"unsafe_spans\" nor \"label\""),
-      ({"prompt": "p", "response": "abcdef", "label": "toxic"}, "bad.jsonl:2: label 'toxic', expected"),
-      ({"prompt": "p", "response": "abcdef", "unsafe_spans": [[0, 2]], "label": "safe"},
-       "bad.jsonl:2: label \"safe\" but 1 unsafe span(s)"),
-      ("{not json", "bad.jsonl:2: not valid JSON"),
+  rows = [good, {"prompt": "p", "response": "abcdef", "label": "unsafe"},
+          {"prompt": "p", "response": "abcdef", "label": "safe"}]
+  enc = encode_file(bpe_tokenizer, str(_write_jsonl(d / "ok.jsonl", rows)), max_len=32)
+  assert enc.has_token_labels.tolist() == [True, False, True] and enc.seq_labels.tolist() == [1, 1, 0]
+  resp = enc.response_mask
+  assert (enc.token_labels[1][resp[1]] == -1).all() and (enc.token_labels[2][resp[2]] == 0).all()
+  assert (enc.token_labels[0][resp[0]] == spans_to_token_labels(bpe_tokenizer, "abcdef", [[0, 2]])).all()
+  assert (enc.token_labels[~resp] == -1).all()  # prompt tokens carry no label
+  cases = [  # messages come from data.load_spans: "file:line: what is wrong, expected what"
+      ({"prompt": "p", "response": "abcdef", "unsafe_spans": [[2, 99]]}, "out of range"),
+      ({"prompt": "p", "response": "abcdef", "unsafe_spans": [[4, 1]]}, "inverted"),
+      ({"response": "abcdef", "label": "safe"}, "prompt"),
+      ({"prompt": "p", "response": "abcdef"}, "unsafe_spans"),
+      ({"prompt": "p", "response": "abcdef", "label": "toxic"}, "label"),
+      ({"prompt": "p", "response": "abcdef", "unsafe_spans": [[0, 2]], "label": "safe"}, "safe"),
+      ("{not json", "JSON"),
   ]
-  for row, message in cases:
+  for row, phrase in cases:
     path = _write_jsonl(d / "bad.jsonl", [good, row])
     with pytest.raises(CotsafeError) as e:
       encode_file(bpe_tokenizer, str(path), max_len=32)
-    assert message in str(e.value), str(e.value)
+    assert "bad.jsonl:2: " in str(e.value) and phrase in str(e.value), str(e.value)
   path = _write_jsonl(d / "bad.jsonl", [good, cases[0][0], cases[1][0], good])
   enc = encode_file(bpe_tokenizer, str(path), max_len=32, on_bad_row="skip")
   assert len(enc) == 2 and enc.skipped == 2

@@ -8,7 +8,7 @@ import pytest
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.rewards import normalize_spans, spans_to_token_labels
 
-import rewards_testlib
+from tests.rewards import rewards_testlib
 
 TEXT = "<think>\nmix café 日本語 with bleach 😀 — naïve “plan”.\n</think>\n\nThe answer is 42 ünïcode."
 
