@@ -74,26 +74,32 @@ class SafetyRM:
   token_level = True
 
   def __init__(self, *, cfg: models.ModelConfig, params: dict, tokenizer: Any, seq_pool: str = "max",
-               mesh: Mesh | None = None, length_bucket: int = 64):
+               mesh: Mesh | None = None, batch_size: int = 16, length_bucket: int = 64):
     check_pool(seq_pool)
     self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
     self.seq_pool, self.mesh, self.length_bucket = seq_pool, mesh, length_bucket
+    self.batch_size = _round_up(batch_size, self._batch_multiple())
     self._probs = jax.jit(lambda p, t, m: jax.nn.sigmoid(token_logits(cfg, p, t, m)))
 
   def _batch_multiple(self) -> int:
     return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
   def token_probs(self, tokens_bt: np.ndarray, mask_bt: np.ndarray) -> np.ndarray:
-    """P(unsafe) [B, T] for every position; pads B and T to fixed buckets so shapes (and compiles) repeat."""
+    """P(unsafe) [B, T] for every position, in chunks of batch_size rows with T padded to a multiple of
+    length_bucket, so shapes (and compiles) repeat and memory stays bounded."""
     b, t = tokens_bt.shape
-    bp, tp = _round_up(b, self._batch_multiple()), _round_up(t, self.length_bucket)
-    tokens = np.zeros((bp, tp), np.int32)
-    mask = np.zeros((bp, tp), bool)
-    tokens[:b, :t], mask[:b, :t] = tokens_bt, mask_bt
-    if self.mesh is not None:
-      shard = mesh_lib.batch_sharding(self.mesh, 2, (bp, tp))
-      tokens, mask = jax.device_put(tokens, shard), jax.device_put(mask, shard)
-    return np.asarray(self._probs(self.params, tokens, mask))[:b, :t]
+    bs, tp = self.batch_size, _round_up(t, self.length_bucket)
+    out = np.zeros((b, t), np.float32)
+    for start in range(0, b, bs):
+      n = min(bs, b - start)
+      tokens = np.zeros((bs, tp), np.int32)
+      mask = np.zeros((bs, tp), bool)
+      tokens[:n, :t], mask[:n, :t] = tokens_bt[start:start + n], mask_bt[start:start + n]
+      if self.mesh is not None:
+        shard = mesh_lib.batch_sharding(self.mesh, 2, (bs, tp))
+        tokens, mask = jax.device_put(tokens, shard), jax.device_put(mask, shard)
+      out[start:start + n] = np.asarray(self._probs(self.params, tokens, mask))[:n, :t]
+    return out
 
   def score(self, batch: RewardBatch) -> SafetyScores:
     p_tok, p_mask = np.asarray(batch.prompt_tokens_bp), np.asarray(batch.prompt_mask_bp, bool)
@@ -136,7 +142,7 @@ def init_safety_rm(*, backbone: str | models.ModelConfig, tokenizer: Any, seed: 
 
 
 def load_safety_rm(export_dir: str, *, mesh: Mesh | None = None, dtype: Any = jnp.float32,
-                   seq_pool: str | None = None) -> SafetyRM:
+                   seq_pool: str | None = None, batch_size: int = 16) -> SafetyRM:
   """Load an export written by SafetyRM.export / train_safety_rm; `seq_pool` overrides the saved one."""
   if not export_dir:
     raise CotsafeError(f"load_safety_rm: export_dir={export_dir!r}, expected a safety RM export dir")
@@ -164,5 +170,5 @@ def load_safety_rm(export_dir: str, *, mesh: Mesh | None = None, dtype: Any = jn
     head = {k: jnp.asarray(v) for k, v in head.items()}
   tokenizer = models.load_tokenizer(backbone_dir, model_vocab_size=cfg.vocab_size)
   return SafetyRM(cfg=cfg, params={"backbone": backbone, "head": head}, tokenizer=tokenizer,
-                  seq_pool=seq_pool or meta.get("seq_pool", "max"), mesh=mesh)
+                  seq_pool=seq_pool or meta.get("seq_pool", "max"), mesh=mesh, batch_size=batch_size)
 

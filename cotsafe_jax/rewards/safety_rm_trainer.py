@@ -133,6 +133,7 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
   if pos_weight is None:
     pos_weight = n_neg / n_pos if n_pos else 1.0
   rm = init_safety_rm(backbone=backbone, tokenizer=tokenizer, seed=seed, seq_pool=seq_pool, mesh=mesh)
+  rm.batch_size = batch_size
   cfg = rm.cfg
   optimizer = make_optimizer(learning_rate=learning_rate, warmup_steps=warmup_steps if warmup_steps is not None
                              else max(steps // 20, 0), total_steps=steps, weight_decay=weight_decay)

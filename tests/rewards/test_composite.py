@@ -152,6 +152,9 @@ def test_token_safety_from_the_rm_lands_on_each_token(bpe_tokenizer):
             "head": rm.params["head"]}
   sharded = SafetyRM(cfg=cfg, params=params, tokenizer=tok, mesh=mesh).score(batch)
   np.testing.assert_allclose(sharded.token_unsafe_bt, rm.score(batch).token_unsafe_bt, atol=1e-5)
+  chunked = SafetyRM(cfg=cfg, params=rm.params, tokenizer=tok, batch_size=2).score(batch)  # 5 rows: 3 chunks
+  np.testing.assert_allclose(chunked.token_unsafe_bt, rm.score(batch).token_unsafe_bt, atol=1e-6)
+  np.testing.assert_allclose(chunked.parts["answer"], rm.score(batch).parts["answer"], atol=1e-6)
   # a whole-response guard judge has no part scores: asking for one is an error naming the part
   from cotsafe_jax.rewards import GuardJudge, GuardTemplate
   template = GuardTemplate(name="t", text="User: {prompt}\nAgent: {response}\nVerdict:", unsafe_words=(" the",),
