@@ -1,0 +1,1 @@
+"""Evaluation package tests (unique module names across test dirs)."""
