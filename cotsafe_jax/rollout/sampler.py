@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from cotsafe_jax import models
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.parallel import mesh as mesh_lib
+from cotsafe_jax.rollout import decode as decode_lib
 
 Buckets = str | int | Sequence[int]
 _MIN_BUCKET = 16
@@ -169,10 +170,12 @@ def _core(params: Any, prompt_bp: jax.Array, mask_bp: jax.Array, rng: jax.Array,
 
   def body(state):
     i, tok_b, done_b, cache, tokens_bt, logp_bt, ent_bt, len_b = state
-    logits_bv, cache = models.decode_step(cfg, params, tok_b, cache)
+    logits_bv, cache = decode_lib.decode_step(cfg, params, layers, tok_b, cache)
     tok_b, done_b, tokens_bt, logp_bt, ent_bt, live_b = emit(i, logits_bv, done_b, tokens_bt, logp_bt, ent_bt)
     return i + 1, tok_b, done_b, cache, tokens_bt, logp_bt, ent_bt, len_b + live_b
 
+  layers = decode_lib.unstack_layers(params)  # sliced once, outside the loop
+  cache = decode_lib.split_cache(cfg, cache, mesh)
   state = (jnp.int32(1), tok_b, done_b, cache, tokens_bt, logp_bt, ent_bt, len_b)
   _, _, done_b, _, tokens_bt, logp_bt, ent_bt, len_b = jax.lax.while_loop(cond, body, state)
   mask_bt = jnp.arange(t)[None, :] < len_b[:, None]
