@@ -140,3 +140,13 @@ def test_evaluate_policy_errors(tok, policy, rows):
     kw = _kw(tok, policy)
     kw["max_prompt_len"] = 4
     ev.evaluate_policy(rows=rows, truncate="error", **kw)
+
+
+def test_evaluate_policy_on_a_mesh_matches_one_device(greedy, tok, policy, rows):
+  one, _ = greedy  # batches of 4 on one device
+  cfg, _ = policy
+  mesh = parallel.make_mesh(data=8)
+  kw = {**_kw(tok, policy), "batch_size": 8, "params": models.init_params(cfg, jax.random.key(0), mesh=mesh)}
+  sharded = ev.evaluate_policy(rows=rows, mesh=mesh, **kw)  # the same params, born sharded; one batch of 8
+  assert [x["response"] for x in sharded.samples] == [x["response"] for x in one.samples]
+  np.testing.assert_allclose(sharded.entropies, one.entropies, rtol=1e-5, atol=1e-5)
