@@ -27,6 +27,8 @@ for _fn, _name in [
     (ppo_trainer.RolloutConfig, "RolloutConfig"), (ppo_trainer.OptimConfig, "OptimConfig"),
     (rewards.CompositeReward, "CompositeReward"), (rewards.RefusalDetector, "RefusalDetector"),
     (TokenSetReward, "TokenSetReward"), (sft_trainer.SFTConfig, "SFTConfig"),
+    (rewards.load_safety_rm, "load_safety_rm"), (rewards.load_guard_judge, "load_guard_judge"),
+    (rewards.GuardTemplate, "GuardTemplate"), (rewards.train_safety_rm, "train_safety_rm"),
 ]:
   gin.external_configurable(_fn, _name)
 

@@ -166,6 +166,14 @@ def check_batch_sizes(*, prompts_per_step: int, samples_per_prompt: int, ppo: pp
   return rows
 
 
+def _user_text(row: Mapping[str, Any]) -> str:
+  """The raw user turn (what a guard judges), not the chat-templated prompt."""
+  if row.get("messages"):
+    users = [m["content"] for m in row["messages"] if m.get("role") == "user"]
+    return users[-1] if users else row["messages"][-1]["content"]
+  return row["prompt"]
+
+
 def _on_mesh(tree: Any, mesh) -> Any:
   """Leaves living outside the mesh (scalars such as an optimizer's step count) become replicated on it."""
   devices = set(mesh.devices.flat)
@@ -267,7 +275,8 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
         rb = RewardBatch.from_tokens(tokenizer=tok, prompt_tokens_bp=prompt_bp, prompt_mask_bp=pmask_bp,
                                      completion_tokens_bt=comp_bt, completion_mask_bt=cmask_bt,
                                      kinds=[r.get("kind", "reasoning") for r in rows_b],
-                                     references=[r.get("answer") for r in rows_b])
+                                     references=[r.get("answer") for r in rows_b],
+                                     prompts=[_user_text(r) for r in rows_b])
         rewards = reward(rb)
         cost_bt = np.zeros(cmask_bt.shape, np.float32)
         lam = 0.0
