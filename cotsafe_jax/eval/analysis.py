@@ -3,7 +3,6 @@ sampling entropy, and reflection dynamics (how often reflection phrases occur, t
 """
 from __future__ import annotations
 
-import bisect
 import re
 from typing import Any, Callable, Sequence
 
@@ -15,12 +14,29 @@ from cotsafe_jax.eval import reasoning
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
-def tag_keeping_decoder(tokenizer: Any) -> Callable[[Sequence[int]], str]:
-  """decode(ids) that drops special tokens (pad, eos, ...) but never the think tags, which some tokenizers
-  mark special; the same text `rollout.decode_completions` returns."""
+def token_pieces(tokenizer: Any) -> Callable[[Sequence[int]], list[str]]:
+  """pieces(ids) -> each token's own text (cached per id); special tokens (pad, eos, ...) are empty, but never
+  the think tags, which some tokenizers mark special.
+
+  For byte-level BPE (Llama 3, Qwen) the pieces join into the decoded text, except that a multi-byte
+  character split over tokens reads as replacement characters: positions shift only inside non-ASCII text.
+  Pieces map characters to tokens in one pass (bisecting decoded prefixes would decode log T prefixes per
+  lookup: minutes on a real evaluation with long chains of thought).
+  """
   keep = {tokenizer.convert_tokens_to_ids(t) for t in (THINK_OPEN, THINK_CLOSE)}
   drop = set(tokenizer.all_special_ids) - keep
-  return lambda ids: tokenizer.decode([int(i) for i in ids if int(i) not in drop], skip_special_tokens=False)
+  cache: dict[int, str] = {}
+
+  def pieces(ids: Sequence[int]) -> list[str]:
+    out = []
+    for i in ids:
+      i = int(i)
+      if i not in cache:
+        cache[i] = "" if i in drop else tokenizer.decode([i], skip_special_tokens=False)
+      out.append(cache[i])
+    return out
+
+  return pieces
 
 
 def _single_token(tokenizer: Any, text: str) -> int | None:
@@ -28,25 +44,20 @@ def _single_token(tokenizer: Any, text: str) -> int | None:
   return int(ids[0]) if len(ids) == 1 else None
 
 
-def _token_at(decode: Callable[[Sequence[int]], str], ids: Sequence[int], char_pos: int) -> int:
-  """Index of the token of `ids` whose decoded text holds character `char_pos` of decode(ids).
-
-  Decoded prefixes of a byte-level sequence are prefixes of the whole text, so their length is monotone.
-  """
-  memo: dict[int, int] = {}
-
-  def prefix_len(k: int) -> int:
-    if k not in memo:
-      memo[k] = len(decode(ids[:k]))
-    return memo[k]
-
-  return bisect.bisect_right(range(len(ids) + 1), char_pos, key=prefix_len) - 1
+def _starts(pieces: Sequence[str]) -> np.ndarray:
+  """[T + 1] character offset where each token starts in "".join(pieces) (the last entry: its length)."""
+  return np.concatenate([[0], np.cumsum([len(p) for p in pieces], dtype=np.int64)])
 
 
-def _reasoning_length_by_text(decode: Callable[[Sequence[int]], str], ids: Sequence[int], close_tag: str) -> int:
-  """Tokens before the one where `close_tag` starts in the decoded text (all when it never appears)."""
-  pos = decode(ids).find(close_tag)
-  return len(ids) if pos < 0 else _token_at(decode, ids, pos)
+def _token_at(starts: np.ndarray, char_pos: int) -> int:
+  """Index of the token holding character `char_pos` (empty tokens never hold one)."""
+  return int(np.searchsorted(starts, char_pos, side="right")) - 1
+
+
+def _reasoning_length_by_text(pieces: Sequence[str], close_tag: str) -> int:
+  """Tokens before the one where `close_tag` starts in the joined text (all when it never appears)."""
+  pos = "".join(pieces).find(close_tag)
+  return len(pieces) if pos < 0 else _token_at(_starts(pieces), pos)
 
 
 def completion_lengths(mask_nt: np.ndarray) -> np.ndarray:
@@ -64,13 +75,13 @@ def reasoning_lengths(tokenizer: Any, tokens_nt: np.ndarray, mask_nt: np.ndarray
   never closes its think block), a final stop token excluded. Reasoning is always a prefix of the row.
 
   When `close_tag` is one token of the vocabulary it is found by id; otherwise (e.g. a Llama 3 tokenizer
-  spelling "</think>" in pieces) by its character position in the decoded text, mapped back to a token.
+  spelling "</think>" in several tokens) by its character position in the joined `token_pieces`.
   """
   tokens_nt = np.asarray(tokens_nt)
   n_n = completion_lengths(mask_nt)
   stop = {int(i) for i in stop_ids}
   close_id = _single_token(tokenizer, close_tag)
-  decode = None if close_id is not None else tag_keeping_decoder(tokenizer)
+  pieces = None if close_id is not None else token_pieces(tokenizer)
   out = np.zeros(len(n_n), np.int64)
   for i, n in enumerate(n_n):
     ids = tokens_nt[i, :n]
@@ -80,7 +91,7 @@ def reasoning_lengths(tokenizer: Any, tokens_nt: np.ndarray, mask_nt: np.ndarray
       hits = np.flatnonzero(ids == close_id)
       out[i] = hits[0] if hits.size else len(ids)
     else:
-      out[i] = _reasoning_length_by_text(decode, ids.tolist(), close_tag)
+      out[i] = _reasoning_length_by_text(pieces(ids), close_tag)
   return out
 
 
@@ -95,13 +106,10 @@ def reasoning_entropies(entropy_nt: np.ndarray, lengths_n: np.ndarray) -> np.nda
   return entropy_nt[reasoning_mask(lengths_n, entropy_nt.shape[1])]
 
 
-def phrase_start_tokens(tokenizer: Any, ids: Sequence[int], *, regex: re.Pattern,
-                        decode: Callable[[Sequence[int]], str] | None = None) -> list[int]:
-  """Token index where each match of `regex` in decode(ids) starts (the token holding its first character)."""
-  decode = decode or tag_keeping_decoder(tokenizer)
-  ids = [int(i) for i in ids]
-  text = decode(ids)
-  return [_token_at(decode, ids, m.start()) for m in regex.finditer(text)]
+def phrase_start_tokens(pieces: Sequence[str], *, regex: re.Pattern) -> list[int]:
+  """Token index where each match of `regex` in "".join(pieces) starts (the token holding its first character)."""
+  starts = _starts(pieces)
+  return [_token_at(starts, m.start()) for m in regex.finditer("".join(pieces))]
 
 
 def reflection_dynamics(tokenizer: Any, tokens_nt: np.ndarray, entropy_nt: np.ndarray, lengths_n: np.ndarray, *,
@@ -113,12 +121,12 @@ def reflection_dynamics(tokenizer: Any, tokens_nt: np.ndarray, entropy_nt: np.nd
   (None when there are none). High entropy at "wait" marks it as a point where the policy chooses to reflect.
   """
   regex = reasoning.reflection_regex(patterns)
-  decode = tag_keeping_decoder(tokenizer)
+  pieces = token_pieces(tokenizer)
   tokens_nt, entropy_nt = np.asarray(tokens_nt), np.asarray(entropy_nt, np.float32)
   at_nt = np.zeros(tokens_nt.shape, bool)
   phrases = 0
   for i, n in enumerate(np.asarray(lengths_n)):
-    starts = phrase_start_tokens(tokenizer, tokens_nt[i, :n], regex=regex, decode=decode)
+    starts = phrase_start_tokens(pieces(tokens_nt[i, :n]), regex=regex)
     phrases += len(starts)
     at_nt[i, starts] = True
   mask_nt = reasoning_mask(lengths_n, tokens_nt.shape[1])

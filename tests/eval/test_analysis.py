@@ -39,8 +39,9 @@ def test_reasoning_lengths_by_id_and_by_text_match_a_plain_loop(tok):
   assert want == [ids[0].index(close), ids[1].index(close), len(ids[2]), 1]
   got = ev.reasoning_lengths(tok, tokens, mask, stop_ids=[tok.eos_token_id])
   assert got.tolist() == want
-  decode = analysis.tag_keeping_decoder(tok)
-  assert [analysis._reasoning_length_by_text(decode, x, "</think>") for x in ids] == want
+  pieces = analysis.token_pieces(tok)
+  assert "".join(pieces(ids[1])) == tok.decode(ids[1], skip_special_tokens=True)  # eos dropped, tags kept
+  assert [analysis._reasoning_length_by_text(pieces(x), "</think>") for x in ids] == want
   # a tag spelled in several tokens goes by text: " let me" starts at its " let" token
   let, me = tok.convert_tokens_to_ids(["Ġlet", "Ġme"])
   first = [next((j for j in range(len(x) - 1) if (x[j], x[j + 1]) == (let, me)), None) for x in ids]
