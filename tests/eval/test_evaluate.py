@@ -83,7 +83,7 @@ def test_known_completions_are_scored_exactly(tok):
   assert got.summary["reflection_rate"] > 0 and got.analysis["reflection_tokens"] > 0
 
 
-def test_evaluate_policy_end_to_end(greedy, rows):
+def test_evaluate_policy_end_to_end(greedy, rows, tmp_path):
   result, traces = greedy
   s = result.summary
   assert list(s) == list(ev.SUMMARY_KEYS)
@@ -97,7 +97,9 @@ def test_evaluate_policy_end_to_end(greedy, rows):
   assert s["entropy_cot"] == pytest.approx(float(np.mean(result.entropies, dtype=np.float64)), rel=1e-9)
   # a random policy never closes its think block in 16 tokens: its entropy is near log(vocab)
   assert 0.5 * math.log(640) < s["entropy_cot"] <= math.log(640) + 1e-4
-  json.dumps(result.samples)  # samples.jsonl rows are plain JSON
+  path = ev.write_samples(str(tmp_path / "samples.jsonl"), result.samples)
+  with open(path) as f:
+    assert [json.loads(line) for line in f] == result.samples
 
 
 def test_evaluate_policy_is_deterministic_and_row_independent(greedy, tok, policy, rows):
