@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cotsafe_jax import models, parallel, rewards, rl
+from cotsafe_jax import demo as demo_lib, eval as eval_lib, models, parallel, rewards, rl
+from cotsafe_jax.data import sources
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.rewards.rules import TokenSetReward
 from cotsafe_jax.rl import ppo as ppo_lib
@@ -29,6 +30,8 @@ for _fn, _name in [
     (TokenSetReward, "TokenSetReward"), (sft_trainer.SFTConfig, "SFTConfig"),
     (rewards.load_safety_rm, "load_safety_rm"), (rewards.load_guard_judge, "load_guard_judge"),
     (rewards.GuardTemplate, "GuardTemplate"), (rewards.train_safety_rm, "train_safety_rm"),
+    (eval_lib.SyntheticJudge, "SyntheticJudge"), (eval_lib.RuleJudge, "RuleJudge"),
+    (demo_lib.TaskConfig, "TaskConfig"), (demo_lib.RMConfig, "RMConfig"),
 ]:
   gin.external_configurable(_fn, _name)
 
@@ -129,6 +132,35 @@ def sft_train(*, workdir: str, data: str = gin.REQUIRED, config: sft_trainer.SFT
     print(f"sft_train: {state} at step {out.get('step')}; loss {out.get('loss', float('nan')):.4f}"
           + (f"; exported to {out['hf_dir']}" if out.get("hf_dir") else ""))
   return out
+
+
+@gin.configurable
+def evaluate(*, workdir: str, hf_dir: str = gin.REQUIRED, prompts: str = gin.REQUIRED, judge: Any = gin.REQUIRED,
+             tokenizer_dir: str | None = None, max_new_tokens: int = 1024, batch_size: int = 8,
+             max_prompt_len: int = 512, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             columns: Any = None, on_bad_row: str = "raise", dtype: str = "bfloat16", mesh: Any = None,
+             name: str = "policy") -> dict[str, Any]:
+  """Generate on prompt rows with a policy HF dir and judge them: samples.jsonl, summary.json, report.md."""
+  mesh = mesh if mesh is not None else parallel.make_mesh()
+  cfg, params = models.load_hf(hf_dir, dtype=jnp.dtype(dtype), mesh=mesh)
+  tok = models.load_tokenizer(tokenizer_dir or hf_dir, model_vocab_size=cfg.vocab_size)
+  rows = sources.load_prompts(prompts, columns=columns, on_bad_row=on_bad_row).rows
+  res = eval_lib.evaluate_policy(cfg=cfg, params=params, tokenizer=tok, rows=rows, judge=judge,
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 max_prompt_len=max_prompt_len, temperature=temperature, top_p=top_p, seed=seed,
+                                 mesh=mesh)
+  eval_lib.write_samples(os.path.join(workdir, "samples.jsonl"), res.samples)
+  table = eval_lib.write_report(workdir, {name: res.summary}, entropies={name: res.entropies},
+                                title=f"Evaluation of {hf_dir}")
+  if parallel.is_main_process():
+    print(table)
+  return res.summary
+
+
+@gin.configurable
+def demo(*, workdir: str, **kwargs) -> dict[str, Any]:
+  """The CPU demo (gin/demo_cpu.gin): warm start, safety RM, SFT baseline, PPO, evaluation, report."""
+  return demo_lib.run_demo(workdir=workdir, **kwargs)
 
 
 @gin.configurable
