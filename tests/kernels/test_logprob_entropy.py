@@ -119,6 +119,17 @@ def test_peaked_logits_stay_finite(impl):
     assert_close(f"{impl} {name}", got, ref, rel=rel, floor=floor)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tiny_and_odd_sizes(impl):
+  """V = 10 (< one Triton tile, < one TPU lane row) and D = 20 (Triton pads D to 32)."""
+  h, w, y, gl, ge = make_inputs(9, 5, 20, 10, jnp.float32)
+  logp, ent, dh, dw = value_and_grads(y, gl, ge, temperature=0.6, impl=impl)(h, w)
+  want = ref64(as_f64(h), as_f64(w), np.asarray(y), 0.6, gl, ge)
+  for name, got, ref, rel in zip(("logp", "entropy", "dh", "dW"), (logp, ent, dh, dw), want,
+                                 (2e-6, 2e-6, 2e-5, 2e-5)):
+    assert_close(f"{impl} {name}", got, ref, rel=rel)
+
+
 def test_batched_input_equals_flattened():
   h, w, y, _, _ = make_inputs(3, 2 * 37, 16, 1000, jnp.float32)
   logp_bt, ent_bt = logprob_entropy(h.reshape(2, 37, 16), w, y.reshape(2, 37), impl="xla",
@@ -216,11 +227,15 @@ def test_traced_temperature_raises():
 
 @pytest.mark.parametrize("module,platform,call", [
     (pallas_tpu, "tpu", "tpu_custom_call"), (pallas_gpu, "cuda", "__gpu$xla.gpu.triton")])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_pallas_kernels_lower_for_their_platform(monkeypatch, module, platform, call, dtype):
-  """Compiled-mode lowering (Pallas -> Mosaic / Triton IR) runs on CPU: no interpret fallback."""
+@pytest.mark.parametrize("dtype,shape", [("float32", (300, 128, 1000)), ("bfloat16", (37, 20, 1031))])
+def test_pallas_kernels_lower_for_their_platform(monkeypatch, module, platform, call, dtype, shape):
+  """Compiled-mode lowering (Pallas -> Mosaic / Triton IR) runs on CPU: no interpret fallback.
+
+  Block-shape rules, unsupported primitives and layouts the Pallas lowering knows are caught here;
+  the Mosaic and Triton compilers themselves only run on a TPU / GPU (the marked tests below).
+  """
   monkeypatch.setattr(module, "interpret_default", lambda: False)
-  h, w, y, gl, ge = make_inputs(6, 300, 128, 1000, jnp.dtype(dtype))
+  h, w, y, gl, ge = make_inputs(6, *shape, jnp.dtype(dtype))
   run = value_and_grads(y, gl, ge, impl=module.__name__.rsplit(".", 1)[1])
   text = run.trace(h, w).lower(lowering_platforms=(platform,)).as_text()
   assert text.count(call) == 3  # stats, dh, dW kernels
