@@ -175,10 +175,14 @@ def _user_text(row: Mapping[str, Any]) -> str:
 
 
 def _on_mesh(tree: Any, mesh) -> Any:
-  """Leaves living outside the mesh (scalars such as an optimizer's step count) become replicated on it."""
-  devices = set(mesh.devices.flat)
+  """Leaves not placed on the mesh (scalars such as an optimizer's step count, the rng) become replicated on
+  it, so every step sees the same input shardings and nothing recompiles."""
   rep = parallel.replicated(mesh)
-  return jax.tree.map(lambda x: x if set(x.sharding.device_set) == devices else jax.device_put(x, rep), tree)
+
+  def one(x):
+    s = x.sharding
+    return x if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else jax.device_put(x, rep)
+  return jax.tree.map(one, tree)
 
 
 def _host(x) -> np.ndarray:
