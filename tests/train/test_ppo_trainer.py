@@ -38,7 +38,7 @@ def test_mean_reward_rises_within_20_iterations(tmp_path):
   from cotsafe_jax.rollout import sampler
   traces = sampler._trace_count
   out = _train(tmp_path, num_steps=20, mesh=parallel.single_device_mesh())
-  assert sampler._trace_count - traces == 1  # the sampler compiled once for all 20 steps
+  assert sampler._trace_count - traces <= 1  # at most one sampler compile for all 20 steps
   rewards = [h["reward/mean"] for h in out["history"]]
   first, last = np.mean(rewards[:4]), np.mean(rewards[-4:])
   print(f"reward/mean first 4 steps {first:.3f} -> last 4 steps {last:.3f}")
