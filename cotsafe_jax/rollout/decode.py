@@ -16,7 +16,8 @@ from cotsafe_jax.models import transformer
 from cotsafe_jax.parallel import mesh as mesh_lib
 
 _MASKED = -1e30  # finite like the model's own bias: a fully masked row stays NaN-free
-LayerCache = dict[str, Any]  # {"kv": [(k, v) per layer, each [B, S, kv_heads, head_dim]], "mask_bs", "pos_b", "index"}
+# {"kv": [(k, v) per layer, each [B, S, kv_heads, head_dim]], "mask_bs": [B, S], "pos_b": [B], "index": []}
+LayerCache = dict[str, Any]
 
 
 def unstack_layers(params: Any) -> list[Any]:

@@ -164,6 +164,9 @@ def _core(params: Any, prompt_bp: jax.Array, mask_bp: jax.Array, rng: jax.Array,
   tok_b, done_b, tokens_bt, logp_bt, ent_bt, len_b = emit(0, logits_bv, jnp.zeros((b,), bool), tokens_bt,
                                                           logp_bt, ent_bt)
 
+  layers = decode_lib.unstack_layers(params)  # sliced once, outside the loop
+  cache = decode_lib.split_cache(cfg, cache, mesh)
+
   def cond(state):
     i, _, done_b, *_ = state
     return (i < t) & ~jnp.all(done_b)
@@ -174,8 +177,6 @@ def _core(params: Any, prompt_bp: jax.Array, mask_bp: jax.Array, rng: jax.Array,
     tok_b, done_b, tokens_bt, logp_bt, ent_bt, live_b = emit(i, logits_bv, done_b, tokens_bt, logp_bt, ent_bt)
     return i + 1, tok_b, done_b, cache, tokens_bt, logp_bt, ent_bt, len_b + live_b
 
-  layers = decode_lib.unstack_layers(params)  # sliced once, outside the loop
-  cache = decode_lib.split_cache(cfg, cache, mesh)
   state = (jnp.int32(1), tok_b, done_b, cache, tokens_bt, logp_bt, ent_bt, len_b)
   _, _, done_b, _, tokens_bt, logp_bt, ent_bt, len_b = jax.lax.while_loop(cond, body, state)
   mask_bt = jnp.arange(t)[None, :] < len_b[:, None]
@@ -205,6 +206,8 @@ def _mesh_of(params: Any) -> Mesh | None:
 
 def _check_prompts(prompt_bp: Any, prompt_mask_bp: Any) -> int | None:
   """Validates shapes and left padding; returns the longest real prompt (None if the mask is not on this host)."""
+  if not hasattr(prompt_bp, "ndim") or not hasattr(prompt_mask_bp, "ndim"):
+    raise CotsafeError("generate: prompt_bp and prompt_mask_bp must be arrays (numpy or jax), [batch, prompt_len]")
   if prompt_bp.ndim != 2 or prompt_bp.shape != prompt_mask_bp.shape:
     raise CotsafeError(f"generate: prompt_bp {tuple(prompt_bp.shape)} and prompt_mask_bp "
                        f"{tuple(prompt_mask_bp.shape)} must both be [batch, prompt_len]")

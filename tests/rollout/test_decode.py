@@ -14,7 +14,7 @@ def test_unrolled_decode_equals_models_decode_step(family):
                            num_heads=4, num_kv_heads=2, tie_word_embeddings=family == "llama")
   params = models.init_params(cfg, jax.random.key(2))
   rs = np.random.RandomState(0)
-  b, p, n = 3, 5, 3
+  b, p, n = 3, 5, 2
   prompt = rs.randint(1, 53, (b, p))
   mask = np.ones((b, p), bool)
   mask[0, :3] = False  # left padding
