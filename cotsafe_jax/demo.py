@@ -1,16 +1,18 @@
 """The CPU demo: a miniature "Beyond SFT" experiment on the synthetic task, every stage real.
 
-warm-start SFT -> token-level safety RM -> safe-CoT SFT baseline | PPO with token penalties -> eval + report.
+warm-start SFT | token-level safety RM -> safe-CoT SFT baseline | PPO with token penalties -> eval + report.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
+import re
+import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-import jax
 import numpy as np
 
 from cotsafe_jax import eval as eval_lib, models, parallel
@@ -24,20 +26,37 @@ from cotsafe_jax.train import ppo_trainer
 from cotsafe_jax.train.sft_trainer import SFTConfig, sft_train
 
 STAGES = ("data", "warm_start", "safety_rm", "sft_baseline", "ppo", "evaluate")
+_CURVE_KEYS = ("safety_rate_cot", "safety_rate_answer", "accuracy", "over_refusal")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TaskConfig:
-  """The synthetic task. baseline_harmful_fraction: share of the training harmful prompts whose safe chain
-  of thought the SFT baseline sees (a curated safe-CoT set is small next to the RL prompt pool)."""
+  """The synthetic task, and what the SFT baseline's curated safe-CoT set covers.
+
+  A curated safe-CoT set (STAR-1 style) is small and covers part of the harm space, while RL only needs prompts:
+  the baseline sees the safe chain of thought of the training harmful prompts about `baseline_substances`
+  (None: every substance), at most `baseline_harmful_rows` of them (a seeded subset), plus the safe traces of
+  the benign / reasoning training prompts when included (general data mixed in, as practitioners do).
+  """
   seed: int = 0
   n_train: int = 1200
   n_eval: int = 200
+  kind_fractions: Mapping[str, float] | None = None
   p_unsafe: float = 0.65
   p_over_refusal: float = 0.15
   p_reflection: float = 0.3
-  baseline_harmful_fraction: float = 1.0
+  baseline_substances: tuple[str, ...] | None = None
+  baseline_harmful_rows: int | None = None
+  baseline_include_benign: bool = True
   baseline_include_reasoning: bool = True
+
+  def __post_init__(self):
+    bad = [s for s in self.baseline_substances or () if s not in synthetic.SUBSTANCES]
+    if bad or (self.baseline_substances is not None and not self.baseline_substances):
+      raise CotsafeError(f"TaskConfig.baseline_substances={self.baseline_substances!r}, expected a non-empty "
+                         f"subset of {', '.join(synthetic.SUBSTANCES)} (or None for all)")
+    if self.baseline_harmful_rows is not None and self.baseline_harmful_rows < 0:
+      raise CotsafeError(f"TaskConfig.baseline_harmful_rows={self.baseline_harmful_rows}, expected >= 0 or None")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,19 +75,71 @@ def _write_jsonl(path: str, rows) -> str:
   return path
 
 
-def _baseline_rows(task: synthetic.SyntheticTask, cfg: TaskConfig) -> list[dict]:
-  """The SFT baseline's data: safe chains of thought on a share of the harmful prompts (+ the rest)."""
-  rng = np.random.default_rng(cfg.seed + 7)
+def _substance(prompt: str) -> str | None:
+  found = [s for s in synthetic.SUBSTANCES if re.search(rf"\b{s}\b", prompt)]
+  return found[0] if found else None
+
+
+def baseline_rows(task: synthetic.SyntheticTask, cfg: TaskConfig) -> tuple[list[dict], dict[str, Any]]:
+  """The SFT baseline's curated set (see TaskConfig) and a description of what it covers."""
+  subs = tuple(cfg.baseline_substances or synthetic.SUBSTANCES)
   harmful = [r for r in task.sft_safe if r["kind"] == "harmful"]
-  keep = set(rng.permutation(len(harmful))[:int(round(cfg.baseline_harmful_fraction * len(harmful)))].tolist())
-  rows = []
-  for r in task.sft_safe:
-    if r["kind"] == "harmful":
-      if harmful.index(r) in keep:
-        rows.append(r)
-    elif r["kind"] == "benign" or cfg.baseline_include_reasoning:
-      rows.append(r)
-  return rows
+  covered = [r for r in harmful if _substance(r["prompt"]) in subs]
+  if cfg.baseline_harmful_rows is not None and cfg.baseline_harmful_rows < len(covered):
+    pick = np.random.default_rng(cfg.seed + 7).permutation(len(covered))[:cfg.baseline_harmful_rows]
+    covered = [covered[i] for i in sorted(pick.tolist())]
+  keep = {r["id"] for r in covered}
+  rows = [r for r in task.sft_safe if r["id"] in keep or (r["kind"] == "benign" and cfg.baseline_include_benign)
+          or (r["kind"] == "reasoning" and cfg.baseline_include_reasoning)]
+  counts = {k: sum(r["kind"] == k for r in rows) for k in synthetic.KINDS}
+  info = {"rows": len(rows), **{f"{k}_rows": n for k, n in counts.items()}, "substances": list(subs),
+          "harmful_train_prompts": len(harmful),
+          "harmful_eval_prompts_covered": sum(_substance(r["prompt"]) in subs for r in task.eval_prompts
+                                              if r["kind"] == "harmful"),
+          "harmful_eval_prompts": sum(r["kind"] == "harmful" for r in task.eval_prompts)}
+  return rows, info
+
+
+def _run_stages(fns: Mapping[str, Callable[[], Any]], *, concurrent_stages: bool) -> dict[str, Any]:
+  """Run independent stages; concurrently in threads when asked (XLA runs each small program on about one core,
+  so two stages use both cores of a laptop). An error in any stage is raised once all have finished."""
+  if not concurrent_stages or len(fns) == 1:
+    return {name: fn() for name, fn in fns.items()}
+  with concurrent.futures.ThreadPoolExecutor(max_workers=len(fns), thread_name_prefix="demo") as pool:
+    futures = {name: pool.submit(fn) for name, fn in fns.items()}
+    return {name: f.result() for name, f in futures.items()}
+
+
+def _describe(info: Mapping[str, Any], baseline: Mapping[str, Any], *, warm: SFTConfig, base_cfg: SFTConfig,
+              ppo_steps: int, prompts_per_step: int, samples_per_prompt: int, n_rl_prompts: Mapping[str, int]) -> str:
+  """The report's account of what each policy was trained on, and of the run itself."""
+  t = info["timings_s"]
+  subs = ", ".join(baseline["substances"])
+  lines = [
+      "", "## What each policy saw", "",
+      f"- **base** (warm start): SFT from scratch, {warm.num_steps} steps x {warm.batch_size} rows, on a mixture "
+      "where harmful prompts often get an unsafe chain of thought (the failure the method targets).",
+      f"- **sft** (baseline): the warm start fine-tuned for {base_cfg.num_steps} steps x {base_cfg.batch_size} rows "
+      f"on a curated safe-CoT set of {baseline['rows']} rows: {baseline['harmful_rows']} harmful prompts with a safe "
+      f"chain of thought and a refusal (only prompts about {subs}: {baseline['harmful_rows']} of the "
+      f"{baseline['harmful_train_prompts']} training harmful prompts; {baseline['harmful_eval_prompts_covered']} of "
+      f"the {baseline['harmful_eval_prompts']} held-out harmful prompts are about these substances), "
+      f"{baseline['benign_rows']} benign prompts with a helpful answer and {baseline['reasoning_rows']} reasoning "
+      "prompts with a correct chain of thought.",
+      f"- **ppo**: the warm start trained for {ppo_steps} PPO steps x {prompts_per_step} prompts x "
+      f"{samples_per_prompt} samples on the training prompt pool (" +
+      ", ".join(f"{n} {k}" for k, n in n_rl_prompts.items()) + "; prompts only, no reference responses), "
+      "rewarded by the token-level safety RM (trained on the span data, not the evaluation judge), answer "
+      "correctness and (over-)refusal terms.",
+      "", "Evaluation: greedy decoding on held-out prompts (text-disjoint from every training set), judged by the "
+      "generator's ground-truth phrase inventory.",
+      "", "## Run", "",
+      f"Wall time {info['total_s']:.0f} s; stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()) +
+      (" (warm_start and safety_rm ran concurrently, then sft_baseline and ppo)" if info["concurrent_stages"]
+       else "") + f". Load average before / after: {info['load_before']} / {info['load_after']} on "
+      f"{info['cpus']} CPUs.",
+  ]
+  return "\n".join(lines) + "\n"
 
 
 def run_demo(*, workdir: str, task: TaskConfig, policy: models.ModelConfig, rm_backbone: models.ModelConfig,
@@ -76,55 +147,67 @@ def run_demo(*, workdir: str, task: TaskConfig, policy: models.ModelConfig, rm_b
              rollout: ppo_trainer.RolloutConfig, optim: ppo_trainer.OptimConfig, ppo_steps: int,
              prompts_per_step: int, reward_weights: Mapping[str, Mapping[str, float]],
              eval_max_new_tokens: int = 64, eval_batch_size: int = 40, curve_every: int = 10,
-             curve_prompts: int = 60, mixture: Mapping[str, float] | None = None, mesh: Any = None) -> dict[str, Any]:
-  """Run every stage into `workdir`; returns the summary {"base", "sft", "ppo"} and stage timings."""
+             curve_prompts: int = 60, mixture: Mapping[str, float] | None = None, reward_clip: float | None = None,
+             concurrent_stages: bool = True, mesh: Any = None) -> dict[str, Any]:
+  """Run every stage into `workdir`; returns the summary {"base", "sft", "ppo"}, stage timings and run facts."""
   mesh = mesh if mesh is not None else parallel.make_mesh()
   os.makedirs(workdir, exist_ok=True)
   timings: dict[str, float] = {}
+  load_before = [round(x, 2) for x in os.getloadavg()]
   t0 = time.perf_counter()
+  lock = threading.Lock()
 
-  def stage(name):
-    timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 2)
-    if parallel.is_main_process():
-      print(f"demo: {name} done ({timings[name]:.0f} s)", flush=True)
+  def timed(name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run():
+      start = time.perf_counter()
+      out = fn()
+      with lock:
+        timings[name] = round(time.perf_counter() - start, 2)
+        if parallel.is_main_process():
+          print(f"demo: {name} done ({timings[name]:.0f} s)", flush=True)
+      return out
+    return run
 
-  # 1. data: the task, its tokenizer, and the SFT baseline's safe-CoT set
-  data_dir = os.path.join(workdir, "data")
-  t = synthetic.make_task(seed=task.seed, n_train=task.n_train, n_eval=task.n_eval, p_unsafe=task.p_unsafe,
-                          p_over_refusal=task.p_over_refusal, p_reflection=task.p_reflection)
-  paths = synthetic.write_task(t, data_dir)
-  baseline_path = _write_jsonl(os.path.join(data_dir, "sft_baseline.jsonl"), _baseline_rows(t, task))
+  # 1. data: the task, its tokenizer, and the SFT baseline's curated safe-CoT set
+  def data():
+    data_dir = os.path.join(workdir, "data")
+    t = synthetic.make_task(seed=task.seed, n_train=task.n_train, n_eval=task.n_eval,
+                            kind_fractions=task.kind_fractions, p_unsafe=task.p_unsafe,
+                            p_over_refusal=task.p_over_refusal, p_reflection=task.p_reflection)
+    paths = synthetic.write_task(t, data_dir)
+    rows, info = baseline_rows(t, task)
+    paths["sft_baseline"] = _write_jsonl(os.path.join(data_dir, "sft_baseline.jsonl"), rows)
+    return t, paths, info
+
+  t, paths, base_info = timed("data", data)()
   tok_dir = paths["tokenizer"]
   tok = models.load_tokenizer(tok_dir, model_vocab_size=policy.vocab_size)
-  stage("data")
 
-  # 2. warm start: SFT on a mixture where harmful prompts often get unsafe reasoning
-  warm_out = sft_train(workdir=os.path.join(workdir, "warm_start"), data=paths["sft_warm"], config=warm,
-                       model=policy, tokenizer_dir=tok_dir, mesh=mesh, async_checkpoint=False)
-  warm_dir = warm_out["hf_dir"]
-  stage("warm_start")
-
+  # 2. warm start (SFT on a mixture where harmful prompts often get unsafe reasoning) and, independent of it,
   # 3. the token-level safety RM the policy is trained against (not the evaluation judge)
-  spans = sources.load_spans(paths["safety_spans"]).rows
-  rng = np.random.default_rng(task.seed + 11)
-  order = rng.permutation(len(spans))
-  n_eval_rm = max(len(spans) // 10, 1)
-  rm_dir = os.path.join(workdir, "safety_rm")
-  os.makedirs(rm_dir, exist_ok=True)
-  rm_train = _write_jsonl(os.path.join(rm_dir, "train_spans.jsonl"), [spans[i] for i in order[n_eval_rm:]])
-  rm_eval = _write_jsonl(os.path.join(rm_dir, "eval_spans.jsonl"), [spans[i] for i in order[:n_eval_rm]])
-  rm_out = train_safety_rm(backbone=rm_backbone, train_path=rm_train, eval_path=rm_eval, workdir=rm_dir,
+  def warm_start():
+    return sft_train(workdir=os.path.join(workdir, "warm_start"), data=paths["sft_warm"], config=warm,
+                     model=policy, tokenizer_dir=tok_dir, mesh=mesh, async_checkpoint=False)
+
+  def safety_rm():
+    spans = sources.load_spans(paths["safety_spans"]).rows
+    order = np.random.default_rng(task.seed + 11).permutation(len(spans))
+    n_eval_rm = max(len(spans) // 10, 1)
+    rm_dir = os.path.join(workdir, "safety_rm")
+    os.makedirs(rm_dir, exist_ok=True)
+    rm_train = _write_jsonl(os.path.join(rm_dir, "train_spans.jsonl"), [spans[i] for i in order[n_eval_rm:]])
+    rm_eval = _write_jsonl(os.path.join(rm_dir, "eval_spans.jsonl"), [spans[i] for i in order[:n_eval_rm]])
+    return train_safety_rm(backbone=rm_backbone, train_path=rm_train, eval_path=rm_eval, workdir=rm_dir,
                            steps=rm.steps, batch_size=rm.batch_size, learning_rate=rm.learning_rate,
                            max_len=rm.max_len, tokenizer_dir=tok_dir, seq_pool=rm.seq_pool, seed=task.seed,
                            mesh=mesh)
+
+  out = _run_stages({"warm_start": timed("warm_start", warm_start), "safety_rm": timed("safety_rm", safety_rm)},
+                    concurrent_stages=concurrent_stages)
+  warm_dir, rm_out = out["warm_start"]["hf_dir"], out["safety_rm"]
   scorer = load_safety_rm(rm_out["export_dir"], mesh=mesh, seq_pool=rm.seq_pool)
-  stage("safety_rm")
 
-  # 4. the baseline: SFT of the warm start on safe chains of thought
-  sft_out = sft_train(workdir=os.path.join(workdir, "sft_baseline"), data=baseline_path, config=baseline,
-                      init_from=warm_dir, tokenizer_dir=tok_dir, mesh=mesh, async_checkpoint=False)
-  stage("sft_baseline")
-
+  # 4. the baseline (SFT of the warm start on the curated safe-CoT set) and, independently,
   # 5. PPO from the warm start with token-level safety penalties, correctness and over-refusal terms
   judge = eval_lib.SyntheticJudge()
   eval_rows = list(t.eval_prompts)
@@ -133,41 +216,62 @@ def run_demo(*, workdir: str, task: TaskConfig, policy: models.ModelConfig, rm_b
   eval_kw = dict(judge=judge, max_new_tokens=eval_max_new_tokens, batch_size=eval_batch_size,
                  max_prompt_len=rollout.max_prompt_len, mesh=mesh)
 
-  def on_step(step, cfg, params, tokenizer):
-    if step % curve_every and step != ppo_steps:
-      return {}
+  def curve_point(step, cfg, params, tokenizer):
     res = eval_lib.evaluate_policy(cfg=cfg, params=params, tokenizer=tokenizer, rows=curve_rows, **eval_kw)
-    point = {"step": step, **{f"eval/{k}": res.summary[k] for k in ("safety_rate_cot", "safety_rate_answer",
-                                                                    "accuracy", "over_refusal")}}
+    point = {"step": step, **{f"eval/{k}": res.summary[k] for k in _CURVE_KEYS}}
     curve.append(point)
     return {k: v for k, v in point.items() if k != "step" and v is not None}
 
-  reward = CompositeReward(weights=reward_weights, token_safety=scorer, sequence_safety=scorer,
-                           sequence_part="reasoning")
-  ppo_out = ppo_trainer.train(
-      workdir=os.path.join(workdir, "ppo"), policy=ppo_trainer.PolicySpec(hf_dir=warm_dir, tokenizer_dir=tok_dir),
-      reward=reward, prompts=paths["train_prompts"], ppo=ppo, rollout=rollout, optim=optim, num_steps=ppo_steps,
-      prompts_per_step=prompts_per_step, mixture=mixture, mesh=mesh, seed=task.seed, async_checkpoint=False,
-      save_interval_steps=max(ppo_steps, 1), step_callback=on_step, samples_every=max(ppo_steps // 4, 1))
-  stage("ppo")
+  def on_step(step, cfg, params, tokenizer):
+    return curve_point(step, cfg, params, tokenizer) if step % curve_every == 0 or step == ppo_steps else {}
+
+  def sft_baseline():
+    return sft_train(workdir=os.path.join(workdir, "sft_baseline"), data=paths["sft_baseline"], config=baseline,
+                     init_from=warm_dir, tokenizer_dir=tok_dir, mesh=mesh, async_checkpoint=False)
+
+  def run_ppo():
+    cfg, params = models.load_hf(warm_dir, mesh=mesh)
+    curve_point(0, cfg, params, tok)  # where PPO starts
+    reward = CompositeReward(weights=reward_weights, token_safety=scorer, sequence_safety=scorer,
+                             sequence_part="reasoning", clip=reward_clip)
+    return ppo_trainer.train(
+        workdir=os.path.join(workdir, "ppo"), policy=ppo_trainer.PolicySpec(hf_dir=warm_dir, tokenizer_dir=tok_dir),
+        reward=reward, prompts=paths["train_prompts"], ppo=ppo, rollout=rollout, optim=optim, num_steps=ppo_steps,
+        prompts_per_step=prompts_per_step, mixture=mixture, mesh=mesh, seed=task.seed, async_checkpoint=False,
+        save_interval_steps=max(ppo_steps, 1), step_callback=on_step, samples_every=max(ppo_steps // 4, 1))
+
+  out = _run_stages({"sft_baseline": timed("sft_baseline", sft_baseline), "ppo": timed("ppo", run_ppo)},
+                    concurrent_stages=concurrent_stages)
+  sft_dir, ppo_dir = out["sft_baseline"]["hf_dir"], out["ppo"]["hf_dir"]
 
   # 6. evaluate the three policies on the held-out prompts with the generator's ground truth
-  summaries, entropies = {}, {}
-  for name, hf_dir in (("base", warm_dir), ("sft", sft_out["hf_dir"]), ("ppo", ppo_out["hf_dir"])):
-    cfg, params = models.load_hf(hf_dir, mesh=mesh)
-    res = eval_lib.evaluate_policy(cfg=cfg, params=params, tokenizer=tok, rows=eval_rows, **eval_kw)
-    summaries[name], entropies[name] = res.summary, res.entropies
-    eval_lib.write_samples(os.path.join(workdir, f"samples_{name}.jsonl"), res.samples)
-  stage("evaluate")
-  table = eval_lib.write_report(workdir, summaries, curves={"ppo": curve}, entropies=entropies,
-                                title="cotsafe_jax CPU demo: Beyond SFT in miniature")
-  extras = {"timings_s": timings, "total_s": round(time.perf_counter() - t0, 1),
-            "rm_eval": {k: rm_out[k] for k in rm_out if k.startswith(("token_", "seq", "auroc"))}}
-  with open(os.path.join(workdir, "demo_info.json"), "w") as f:
-    json.dump(extras, f, indent=2, default=float)
-  if parallel.is_main_process():
-    print(table)
-    print(f"demo: total {extras['total_s']:.0f} s; stage times {timings}")
+  def evaluate():
+    summaries, entropies = {}, {}
+    for name, hf_dir in (("base", warm_dir), ("sft", sft_dir), ("ppo", ppo_dir)):
+      cfg, params = models.load_hf(hf_dir, mesh=mesh)
+      res = eval_lib.evaluate_policy(cfg=cfg, params=params, tokenizer=tok, rows=eval_rows, **eval_kw)
+      summaries[name], entropies[name] = res.summary, res.entropies
+      eval_lib.write_samples(os.path.join(workdir, f"samples_{name}.jsonl"), res.samples)
+    return summaries, entropies
+
+  summaries, entropies = timed("evaluate", evaluate)()
   if not summaries:
     raise CotsafeError("demo: no policy was evaluated")
-  return {"summary": summaries, **extras}
+  table = eval_lib.write_report(workdir, summaries, curves={"ppo": sorted(curve, key=lambda p: p["step"])},
+                                entropies=entropies, title="cotsafe_jax CPU demo: Beyond SFT in miniature")
+  rl_kinds = [r["kind"] for r in t.train_prompts]
+  info = {"timings_s": {k: timings[k] for k in STAGES if k in timings}, "total_s": round(time.perf_counter() - t0, 1),
+          "concurrent_stages": concurrent_stages, "load_before": load_before,
+          "load_after": [round(x, 2) for x in os.getloadavg()], "cpus": len(os.sched_getaffinity(0)),
+          "baseline": base_info,
+          "rm_eval": {k: rm_out[k] for k in rm_out if k.startswith(("token_", "seq", "auroc"))}}
+  if parallel.is_main_process():
+    with open(os.path.join(workdir, "demo_info.json"), "w") as f:
+      json.dump(info, f, indent=2, default=float)
+    with open(os.path.join(workdir, "report.md"), "a") as f:
+      f.write(_describe(info, base_info, warm=warm, base_cfg=baseline, ppo_steps=ppo_steps,
+                        prompts_per_step=prompts_per_step, samples_per_prompt=rollout.samples_per_prompt,
+                        n_rl_prompts={k: rl_kinds.count(k) for k in synthetic.KINDS}))
+    print(table)
+    print(f"demo: total {info['total_s']:.0f} s; stage times {info['timings_s']}")
+  return {"summary": summaries, **info}
