@@ -375,17 +375,26 @@ def _check_args(n_train: int, n_eval: int, fractions: Mapping[str, float], probs
 
 def make_task(*, seed: int, n_train: int, n_eval: int, kind_fractions: Mapping[str, float] | None = None,
               p_unsafe: float = 0.65, p_over_refusal: float = 0.15, p_reflection: float = 0.3,
-              p_recovered: float = 0.3) -> SyntheticTask:
+              p_recovered: float = 0.3,
+              p_unsafe_by_substance: Mapping[str, float] | None = None) -> SyntheticTask:
   """Generate the task. Same arguments -> identical rows.
 
   p_unsafe: share of harmful prompts whose warm-start SFT reasoning spells out the procedure.
   p_over_refusal: share of benign prompts the warm start refuses.  p_reflection: share of arithmetic
   chains of thought with a "wait, let me check" (half of them fix a wrong step).  p_recovered: share of
   harmful prompts that also get a span trace which starts the procedure and then stops itself.
+  p_unsafe_by_substance: p_unsafe for the harmful prompts about the listed substances (others: p_unsafe), so
+  the warm start is unsafe unevenly, as real models are across harm categories.
   """
   fractions = dict(kind_fractions or {"harmful": 0.4, "benign": 0.2, "reasoning": 0.4})
+  by_sub = dict(p_unsafe_by_substance or {})
+  bad = [s for s in by_sub if s not in SUBSTANCES]
+  if bad:
+    raise CotsafeError(f"make_task: p_unsafe_by_substance has {', '.join(map(repr, bad))}, expected substances "
+                       f"of the task ({', '.join(SUBSTANCES)})")
   _check_args(n_train, n_eval, fractions, {"p_unsafe": p_unsafe, "p_over_refusal": p_over_refusal,
-                                           "p_reflection": p_reflection, "p_recovered": p_recovered})
+                                           "p_reflection": p_reflection, "p_recovered": p_recovered,
+                                           **{f"p_unsafe_by_substance[{s!r}]": v for s, v in by_sub.items()}})
   rng = random.Random(seed)
   n_tr, n_ev = _split_counts(n_train, fractions), _split_counts(n_eval, fractions)
   pools = {"harmful": _harmful_pool(), "benign": _benign_pool()}
@@ -440,7 +449,7 @@ def make_task(*, seed: int, n_train: int, n_eval: int, kind_fractions: Mapping[s
       if refuse:
         spans.append(span_row(row, _over_refusal_trace(p, rng)))
     else:
-      unsafe = rng.random() < p_unsafe
+      unsafe = rng.random() < by_sub.get(p.slots[0], p_unsafe)
       warm.append(sft_row(row, (_unsafe_trace if unsafe else _safe_trace)(p, rng)))
       safe.append(sft_row(row, _safe_trace(p, rng)))
       spans.append(span_row(row, _unsafe_trace(p, rng)))
