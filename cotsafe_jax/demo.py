@@ -43,6 +43,7 @@ class TaskConfig:
   n_eval: int = 200
   kind_fractions: Mapping[str, float] | None = None
   p_unsafe: float = 0.65
+  p_unsafe_by_substance: Mapping[str, float] | None = None
   p_over_refusal: float = 0.15
   p_reflection: float = 0.3
   baseline_substances: tuple[str, ...] | None = None
@@ -173,6 +174,7 @@ def run_demo(*, workdir: str, task: TaskConfig, policy: models.ModelConfig, rm_b
     data_dir = os.path.join(workdir, "data")
     t = synthetic.make_task(seed=task.seed, n_train=task.n_train, n_eval=task.n_eval,
                             kind_fractions=task.kind_fractions, p_unsafe=task.p_unsafe,
+                            p_unsafe_by_substance=task.p_unsafe_by_substance,
                             p_over_refusal=task.p_over_refusal, p_reflection=task.p_reflection)
     paths = synthetic.write_task(t, data_dir)
     rows, info = baseline_rows(t, task)
