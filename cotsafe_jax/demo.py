@@ -4,7 +4,6 @@ warm-start SFT | token-level safety RM -> safe-CoT SFT baseline | PPO with token
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import os
@@ -102,42 +101,80 @@ def baseline_rows(task: synthetic.SyntheticTask, cfg: TaskConfig) -> tuple[list[
 
 
 def _run_stages(fns: Mapping[str, Callable[[], Any]], *, concurrent_stages: bool) -> dict[str, Any]:
-  """Run independent stages; concurrently in threads when asked (XLA runs each small program on about one core,
-  so two stages use both cores of a laptop). An error in any stage is raised once all have finished."""
-  if not concurrent_stages or len(fns) == 1:
-    return {name: fn() for name, fn in fns.items()}
-  with concurrent.futures.ThreadPoolExecutor(max_workers=len(fns), thread_name_prefix="demo") as pool:
-    futures = {name: pool.submit(fn) for name, fn in fns.items()}
-    return {name: f.result() for name, f in futures.items()}
+  """Run independent stages; concurrently when asked: XLA runs each small program on about one core, so two
+  stages use both cores of a laptop. The first stage runs in the calling thread (it keeps the trainers' SIGINT /
+  SIGTERM handling), the others in daemon threads (they do not keep an interrupted demo alive). An error of any
+  stage is raised once every stage has finished; an interrupt, or a stop request to the first stage, at once."""
+  names = list(fns)
+  results: dict[str, Any] = {}
+  errors: dict[str, BaseException] = {}
+
+  def work(name):
+    try:
+      results[name] = fns[name]()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the other stages
+      errors[name] = e
+
+  def check(name):
+    if name in errors:
+      raise errors[name]
+    if isinstance(results[name], Mapping) and results[name].get("stopped_early"):
+      raise CotsafeError(f"demo: stage {name} stopped early (a signal); run the same command again to resume "
+                         "from its checkpoint")
+
+  if concurrent_stages:
+    threads = [threading.Thread(target=work, args=(n,), name=f"demo-{n}", daemon=True) for n in names[1:]]
+    for th in threads:
+      th.start()
+    work(names[0])
+    if names[0] not in errors:
+      check(names[0])  # stopped by a signal: do not wait for the others
+    for th in threads:
+      th.join()
+  else:
+    for name in names:
+      work(name)
+      check(name)
+  for name in names:
+    check(name)
+  return results
 
 
-def _describe(info: Mapping[str, Any], baseline: Mapping[str, Any], *, warm: SFTConfig, base_cfg: SFTConfig,
-              ppo_steps: int, prompts_per_step: int, samples_per_prompt: int, n_rl_prompts: Mapping[str, int]) -> str:
+def _announce(names: tuple[str, ...], concurrent_stages: bool) -> None:
+  if parallel.is_main_process():
+    how = "concurrently, one progress bar each" if concurrent_stages else "one after the other"
+    print(f"demo: {' and '.join(names)} ({how})", flush=True)
+
+
+def _describe(info: Mapping[str, Any], baseline: Mapping[str, Any], *, steps: Mapping[str, int],
+              batch: Mapping[str, int], ppo: PPOConfig, samples_per_prompt: int, rl_prompts: Mapping[str, int],
+              mixture: Mapping[str, float] | None) -> str:
   """The report's account of what each policy was trained on, and of the run itself."""
-  t = info["timings_s"]
-  subs = ", ".join(baseline["substances"])
+  drawn = f" drawn {' / '.join(f'{k} {w:g}' for k, w in mixture.items())}" if mixture else ""
   lines = [
       "", "## What each policy saw", "",
-      f"- **base** (warm start): SFT from scratch, {warm.num_steps} steps x {warm.batch_size} rows, on a mixture "
-      "where harmful prompts often get an unsafe chain of thought (the failure the method targets).",
-      f"- **sft** (baseline): the warm start fine-tuned for {base_cfg.num_steps} steps x {base_cfg.batch_size} rows "
-      f"on a curated safe-CoT set of {baseline['rows']} rows: {baseline['harmful_rows']} harmful prompts with a safe "
-      f"chain of thought and a refusal (only prompts about {subs}: {baseline['harmful_rows']} of the "
-      f"{baseline['harmful_train_prompts']} training harmful prompts; {baseline['harmful_eval_prompts_covered']} of "
-      f"the {baseline['harmful_eval_prompts']} held-out harmful prompts are about these substances), "
-      f"{baseline['benign_rows']} benign prompts with a helpful answer and {baseline['reasoning_rows']} reasoning "
-      "prompts with a correct chain of thought.",
-      f"- **ppo**: the warm start trained for {ppo_steps} PPO steps x {prompts_per_step} prompts x "
-      f"{samples_per_prompt} samples on the training prompt pool (" +
-      ", ".join(f"{n} {k}" for k, n in n_rl_prompts.items()) + "; prompts only, no reference responses), "
-      "rewarded by the token-level safety RM (trained on the span data, not the evaluation judge), answer "
-      "correctness and (over-)refusal terms.",
-      "", "Evaluation: greedy decoding on held-out prompts (text-disjoint from every training set), judged by the "
-      "generator's ground-truth phrase inventory.",
+      f"- **base** (warm start): SFT from scratch, {steps['warm_start']} steps x {batch['warm_start']} rows, on a "
+      "mixture where harmful prompts often get an unsafe chain of thought (the failure the method targets).",
+      f"- **sft** (baseline): the warm start fine-tuned for {steps['sft_baseline']} steps x {batch['sft_baseline']} "
+      f"rows on a curated safe-CoT set of {baseline['rows']} rows: {baseline['harmful_rows']} harmful prompts with a "
+      f"safe chain of thought and a refusal (all about {', '.join(baseline['substances'])}; the training pool has "
+      f"{baseline['harmful_train_prompts']} harmful prompts, and {baseline['harmful_eval_prompts_covered']} of the "
+      f"{baseline['harmful_eval_prompts']} held-out ones are about these substances), {baseline['benign_rows']} "
+      f"benign prompts with a helpful answer and {baseline['reasoning_rows']} reasoning prompts with a correct "
+      "chain of thought.",
+      f"- **ppo**: the warm start trained for {steps['ppo']} PPO steps x {batch['ppo']} prompts x "
+      f"{samples_per_prompt} samples from the training prompt pool (" +
+      ", ".join(f"{n} {k}" for k, n in rl_prompts.items()) + f"{drawn}; prompts only, no reference responses) "
+      f"with {ppo.advantage.estimator} advantages and KL coefficient {ppo.kl_coef:g} to the warm start, rewarded "
+      "by the token-level safety RM (trained on the span data, not the evaluation judge), answer correctness and "
+      "(over-)refusal terms.",
+      "", "Evaluation: greedy decoding on the held-out prompts (text-disjoint from every training set), judged by "
+      "the generator's ground-truth phrase inventory.",
       "", "## Run", "",
-      f"Wall time {info['total_s']:.0f} s; stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()) +
+      f"Wall time {info['total_s']:.0f} s; stage times (s): " +
+      ", ".join(f"{k} {v:.0f}" for k, v in info["timings_s"].items()) +
       (" (warm_start and safety_rm ran concurrently, then sft_baseline and ppo)" if info["concurrent_stages"]
-       else "") + f". Load average before / after: {info['load_before']} / {info['load_after']} on "
+       else "") + f". Load average (1, 5, 15 min) before / after: {info['load_before']} / {info['load_after']} on "
       f"{info['cpus']} CPUs.",
   ]
   return "\n".join(lines) + "\n"
@@ -204,9 +241,11 @@ def run_demo(*, workdir: str, task: TaskConfig, policy: models.ModelConfig, rm_b
                            max_len=rm.max_len, tokenizer_dir=tok_dir, seq_pool=rm.seq_pool, seed=task.seed,
                            mesh=mesh)
 
+  _announce(("warm_start", "safety_rm"), concurrent_stages)
   out = _run_stages({"warm_start": timed("warm_start", warm_start), "safety_rm": timed("safety_rm", safety_rm)},
                     concurrent_stages=concurrent_stages)
   warm_dir, rm_out = out["warm_start"]["hf_dir"], out["safety_rm"]
+  steps = {"warm_start": out["warm_start"]["num_steps"]}
   scorer = load_safety_rm(rm_out["export_dir"], mesh=mesh, seq_pool=rm.seq_pool)
 
   # 4. the baseline (SFT of the warm start on the curated safe-CoT set) and, independently,
@@ -242,9 +281,11 @@ def run_demo(*, workdir: str, task: TaskConfig, policy: models.ModelConfig, rm_b
         prompts_per_step=prompts_per_step, mixture=mixture, mesh=mesh, seed=task.seed, async_checkpoint=False,
         save_interval_steps=max(ppo_steps, 1), step_callback=on_step, samples_every=max(ppo_steps // 4, 1))
 
-  out = _run_stages({"sft_baseline": timed("sft_baseline", sft_baseline), "ppo": timed("ppo", run_ppo)},
+  _announce(("ppo", "sft_baseline"), concurrent_stages)
+  out = _run_stages({"ppo": timed("ppo", run_ppo), "sft_baseline": timed("sft_baseline", sft_baseline)},
                     concurrent_stages=concurrent_stages)
   sft_dir, ppo_dir = out["sft_baseline"]["hf_dir"], out["ppo"]["hf_dir"]
+  steps.update(sft_baseline=out["sft_baseline"]["num_steps"], ppo=out["ppo"]["step"])
 
   # 6. evaluate the three policies on the held-out prompts with the generator's ground truth
   def evaluate():
@@ -271,9 +312,10 @@ def run_demo(*, workdir: str, task: TaskConfig, policy: models.ModelConfig, rm_b
     with open(os.path.join(workdir, "demo_info.json"), "w") as f:
       json.dump(info, f, indent=2, default=float)
     with open(os.path.join(workdir, "report.md"), "a") as f:
-      f.write(_describe(info, base_info, warm=warm, base_cfg=baseline, ppo_steps=ppo_steps,
-                        prompts_per_step=prompts_per_step, samples_per_prompt=rollout.samples_per_prompt,
-                        n_rl_prompts={k: rl_kinds.count(k) for k in synthetic.KINDS}))
+      f.write(_describe(info, base_info, steps=steps, ppo=ppo, samples_per_prompt=rollout.samples_per_prompt,
+                        batch={"warm_start": warm.batch_size, "sft_baseline": baseline.batch_size,
+                               "ppo": prompts_per_step},
+                        rl_prompts={k: rl_kinds.count(k) for k in synthetic.KINDS}, mixture=mixture))
     print(table)
     print(f"demo: total {info['total_s']:.0f} s; stage times {info['timings_s']}")
   return {"summary": summaries, **info}
