@@ -100,6 +100,14 @@ def baseline_rows(task: synthetic.SyntheticTask, cfg: TaskConfig) -> tuple[list[
   return rows, info
 
 
+def _logged_curve(metrics_path: str) -> list[dict[str, float]]:
+  """The eval/ points PPO logged (also those of an earlier, resumed part of the run)."""
+  with open(metrics_path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("eval/")}}
+          for r in rows if any(k.startswith("eval/") for k in r)]
+
+
 def _run_stages(fns: Mapping[str, Callable[[], Any]], *, concurrent_stages: bool) -> dict[str, Any]:
   """Run independent stages; concurrently when asked: XLA runs each small program on about one core, so two
   stages use both cores of a laptop. The first stage runs in the calling thread (it keeps the trainers' SIGINT /
@@ -189,6 +197,9 @@ def run_demo(*, workdir: str, task: TaskConfig, policy: models.ModelConfig, rm_b
              concurrent_stages: bool = True, mesh: Any = None) -> dict[str, Any]:
   """Run every stage into `workdir`; returns the summary {"base", "sft", "ppo"}, stage timings and run facts."""
   mesh = mesh if mesh is not None else parallel.make_mesh()
+  if os.path.exists(os.path.join(workdir, "summary.json")) and parallel.is_main_process():
+    print(f"demo: {workdir} holds an earlier run: its stages resume from their checkpoints, so the stage times "
+          "below are not a fresh run's (pass a new --workdir for one)", flush=True)
   os.makedirs(workdir, exist_ok=True)
   timings: dict[str, float] = {}
   load_before = [round(x, 2) for x in os.getloadavg()]
@@ -253,18 +264,16 @@ def run_demo(*, workdir: str, task: TaskConfig, policy: models.ModelConfig, rm_b
   judge = eval_lib.SyntheticJudge()
   eval_rows = list(t.eval_prompts)
   curve_rows = eval_rows[:curve_prompts]
-  curve: list[dict[str, float]] = []
+  start_point: list[dict[str, float]] = []
   eval_kw = dict(judge=judge, max_new_tokens=eval_max_new_tokens, batch_size=eval_batch_size,
                  max_prompt_len=rollout.max_prompt_len, mesh=mesh)
 
-  def curve_point(step, cfg, params, tokenizer):
+  def curve_point(cfg, params, tokenizer) -> dict[str, float]:
     res = eval_lib.evaluate_policy(cfg=cfg, params=params, tokenizer=tokenizer, rows=curve_rows, **eval_kw)
-    point = {"step": step, **{f"eval/{k}": res.summary[k] for k in _CURVE_KEYS}}
-    curve.append(point)
-    return {k: v for k, v in point.items() if k != "step" and v is not None}
+    return {f"eval/{k}": res.summary[k] for k in _CURVE_KEYS if res.summary[k] is not None}
 
-  def on_step(step, cfg, params, tokenizer):
-    return curve_point(step, cfg, params, tokenizer) if step % curve_every == 0 or step == ppo_steps else {}
+  def on_step(step, cfg, params, tokenizer):  # logged to ppo/metrics.jsonl, where the curve is read back
+    return curve_point(cfg, params, tokenizer) if step % curve_every == 0 or step == ppo_steps else {}
 
   def sft_baseline():
     return sft_train(workdir=os.path.join(workdir, "sft_baseline"), data=paths["sft_baseline"], config=baseline,
@@ -272,7 +281,7 @@ def run_demo(*, workdir: str, task: TaskConfig, policy: models.ModelConfig, rm_b
 
   def run_ppo():
     cfg, params = models.load_hf(warm_dir, mesh=mesh)
-    curve_point(0, cfg, params, tok)  # where PPO starts
+    start_point.append({"step": 0, **curve_point(cfg, params, tok)})  # where PPO starts
     reward = CompositeReward(weights=reward_weights, token_safety=scorer, sequence_safety=scorer,
                              sequence_part="reasoning", clip=reward_clip)
     return ppo_trainer.train(
@@ -300,7 +309,8 @@ def run_demo(*, workdir: str, task: TaskConfig, policy: models.ModelConfig, rm_b
   summaries, entropies = timed("evaluate", evaluate)()
   if not summaries:
     raise CotsafeError("demo: no policy was evaluated")
-  table = eval_lib.write_report(workdir, summaries, curves={"ppo": sorted(curve, key=lambda p: p["step"])},
+  curve = start_point + _logged_curve(os.path.join(workdir, "ppo", "metrics.jsonl"))
+  table = eval_lib.write_report(workdir, summaries, curves={"ppo": curve},
                                 entropies=entropies, title="cotsafe_jax CPU demo: Beyond SFT in miniature")
   rl_kinds = [r["kind"] for r in t.train_prompts]
   info = {"timings_s": {k: timings[k] for k in STAGES if k in timings}, "total_s": round(time.perf_counter() - t0, 1),
