@@ -61,6 +61,7 @@ class TaskConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RMConfig:
+  """The token-level safety RM's training run (the policy's reward model, not the evaluation judge)."""
   steps: int = 300
   batch_size: int = 32
   learning_rate: float = 1e-3
