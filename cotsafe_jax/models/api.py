@@ -94,12 +94,27 @@ def forward(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, *,
   return logits_from_hidden(cfg, params, h_btd)
 
 
+def cache_shapes(cfg: ModelConfig, batch_size: int, max_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Shapes of the k and v caches: k [L, B, kv_heads, head_dim, S], v [L, B, kv_heads, S, head_dim].
+
+  Keys are stored transposed so the decode attention reads q . k^T as [head_dim, S] per (row, kv head) and
+  p . v as [S, head_dim]: both dots read the cache in place, with no per-step transpose of the whole cache.
+  """
+  n, k, dh = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+  return (n, batch_size, k, dh, max_len), (n, batch_size, k, max_len, dh)
+
+
+# logical axes of the k and v caches, in the layouts of cache_shapes
+KV_CACHE_AXES = (("layers", "batch", "kv_heads", "head_dim", "cache_length"),
+               ("layers", "batch", "kv_heads", "cache_length", "head_dim"))
+
+
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, *, dtype: Any = None,
                mesh: Mesh | None = None) -> Cache:
-  """An empty KV cache of `max_len` slots. k/v: [L, B, S, kv_heads, head_dim]."""
-  shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+  """An empty KV cache of `max_len` slots (layouts: `cache_shapes`)."""
+  k_shape, v_shape = cache_shapes(cfg, batch_size, max_len)
   dtype = cfg.dtype if dtype is None else dtype
-  cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+  cache = {"k": jnp.zeros(k_shape, dtype), "v": jnp.zeros(v_shape, dtype),
            "mask_bs": jnp.zeros((batch_size, max_len), bool),
            "pos_b": jnp.zeros((batch_size,), jnp.int32), "index": jnp.zeros((), jnp.int32)}
   if mesh is not None:
@@ -108,9 +123,9 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, *, dtype: Any = 
 
 
 def cache_shardings(cfg: ModelConfig, mesh: Mesh, batch_size: int, max_len: int) -> dict[str, Any]:
-  kv_shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
-  kv = mesh_lib.logical_sharding(mesh, ("layers", "batch", "cache_length", "kv_heads", "head_dim"), kv_shape)
-  return {"k": kv, "v": kv,
+  k_shape, v_shape = cache_shapes(cfg, batch_size, max_len)
+  return {"k": mesh_lib.logical_sharding(mesh, KV_CACHE_AXES[0], k_shape),
+          "v": mesh_lib.logical_sharding(mesh, KV_CACHE_AXES[1], v_shape),
           "mask_bs": mesh_lib.logical_sharding(mesh, ("batch", "cache_length"), (batch_size, max_len)),
           "pos_b": mesh_lib.logical_sharding(mesh, ("batch",), (batch_size,)),
           "index": mesh_lib.replicated(mesh)}

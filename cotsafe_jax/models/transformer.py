@@ -92,20 +92,30 @@ class Attention(nn.Module):
     q_bthk = _apply_rope(q_bthk, cos_btd, sin_btd)
     k_btgk = _apply_rope(k_btgk, cos_btd, sin_btd)
 
-    new_cache = None
-    if kv_cache is not None:
-      ck_bsgk, cv_bsgk = kv_cache
-      ck_bsgk = jax.lax.dynamic_update_slice_in_dim(ck_bsgk, k_btgk.astype(ck_bsgk.dtype), cache_index, 1)
-      cv_bsgk = jax.lax.dynamic_update_slice_in_dim(cv_bsgk, v_btgk.astype(cv_bsgk.dtype), cache_index, 1)
-      new_cache = (ck_bsgk, cv_bsgk)
-      k_btgk, v_btgk = ck_bsgk.astype(dt), cv_bsgk.astype(dt)
-
     b, t = q_bthk.shape[:2]
-    q_btgrk = q_bthk.reshape(b, t, k, h // k, dh)  # query heads grouped by their kv head
-    scores = jnp.einsum("btgrk,bsgk->bgrts", q_btgrk, k_btgk, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(dh) + bias_bts[:, None, None, :, :]
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # softmax in float32
-    out_btgrk = jnp.einsum("bgrts,bsgk->btgrk", probs, v_btgk)
+    r = h // k  # query heads per kv head
+    q_btgrk = q_bthk.reshape(b, t, k, r, dh)  # query heads grouped by their kv head
+    if kv_cache is None:
+      new_cache = None
+      scores = jnp.einsum("btgrk,bsgk->bgrts", q_btgrk, k_btgk, preferred_element_type=jnp.float32)
+      scores = scores / math.sqrt(dh) + bias_bts[:, None, None, :, :]
+      probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # softmax in float32
+      out_btgrk = jnp.einsum("bgrts,bsgk->btgrk", probs, v_btgk)
+    else:  # cache layouts (models.cache_shapes): keys [B, kv_heads, head_dim, S], values [B, kv_heads, S, head_dim]
+      ck_bgks, cv_bgsk = kv_cache
+      ck_bgks = jax.lax.dynamic_update_slice_in_dim(
+          ck_bgks, k_btgk.transpose(0, 2, 3, 1).astype(ck_bgks.dtype), cache_index, 3)
+      cv_bgsk = jax.lax.dynamic_update_slice_in_dim(
+          cv_bgsk, v_btgk.transpose(0, 2, 1, 3).astype(cv_bgsk.dtype), cache_index, 2)
+      new_cache = (ck_bgks, cv_bgsk)
+      # (query position, head in group) merged into one row axis m: both dots are plain batched matmuls over
+      # (row, kv head) that read the cache in place (a one-token decode step has m = r)
+      q_bgmk = q_btgrk.transpose(0, 2, 1, 3, 4).reshape(b, k, t * r, dh)
+      scores = jnp.einsum("bgmk,bgks->bgms", q_bgmk, ck_bgks.astype(dt), preferred_element_type=jnp.float32)
+      scores = scores.reshape(b, k, t, r, -1) / math.sqrt(dh) + bias_bts[:, None, :, None, :]
+      probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, k, t * r, -1)  # softmax in float32
+      out_bgmk = jnp.einsum("bgms,bgsk->bgmk", probs, cv_bgsk.astype(dt))
+      out_btgrk = out_bgmk.reshape(b, k, t, r, dh).transpose(0, 2, 1, 3, 4)
     out_bthk = out_btgrk.reshape(b, t, h, dh)
     wo = _param(self, "o_kernel", (h, dh, d), ("heads", "head_dim", "embed"), init, pdt)
     y_btd = jnp.einsum("bthk,hkd->btd", out_bthk, wo.astype(dt))

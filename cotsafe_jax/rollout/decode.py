@@ -16,31 +16,32 @@ from cotsafe_jax.models import transformer
 from cotsafe_jax.parallel import mesh as mesh_lib
 
 _MASKED = -1e30  # finite like the model's own bias: a fully masked row stays NaN-free
-# {"kv": [(k, v) per layer, each [B, S, kv_heads, head_dim]], "mask_bs": [B, S], "pos_b": [B], "index": []}
+# {"kv": [(k [B, kv_heads, head_dim, S], v [B, kv_heads, S, head_dim]) per layer], "mask_bs": [B, S], "pos_b": [B],
+#  "index": []}
 LayerCache = dict[str, Any]
 
 
-def unstack_layers(params: Any) -> list[Any]:
-  """The per-layer param trees of the scanned (stacked on axis 0) `params["layers"]`."""
+def decode_params(cfg: models.ModelConfig, params: Any) -> dict[str, Any]:
+  """`params` with "layers" as a list of per-layer trees, sliced once from the scanned (stacked on axis 0) layers."""
   stacked = params["layers"]
-  n = jax.tree.leaves(stacked)[0].shape[0]
-  return [jax.tree.map(lambda w, i=i: w[i], stacked) for i in range(n)]
+  layers = [jax.tree.map(lambda w, i=i: w[i], stacked) for i in range(cfg.num_layers)]
+  return {**params, "layers": layers}
 
 
 def split_cache(cfg: models.ModelConfig, cache: dict[str, jax.Array], mesh: Mesh | None = None) -> LayerCache:
   """A `models.init_cache` / `models.prefill` cache with k/v split into one (k, v) pair per layer."""
   kv = [(cache["k"][i], cache["v"][i]) for i in range(cfg.num_layers)]
   if mesh is not None:
-    b, s = cache["mask_bs"].shape
-    shape = (b, s, cfg.num_kv_heads, cfg.head_dim)
-    sharding = mesh_lib.logical_sharding(mesh, ("batch", "cache_length", "kv_heads", "head_dim"), shape)
-    kv = jax.lax.with_sharding_constraint(kv, [(sharding, sharding)] * len(kv))
+    shapes = models.cache_shapes(cfg, *cache["mask_bs"].shape)
+    k_sharding, v_sharding = (mesh_lib.logical_sharding(mesh, axes[1:], shape[1:])
+                              for axes, shape in zip(models.KV_CACHE_AXES, shapes))
+    kv = jax.lax.with_sharding_constraint(kv, [(k_sharding, v_sharding)] * len(kv))
   return {"kv": kv, "mask_bs": cache["mask_bs"], "pos_b": cache["pos_b"], "index": cache["index"]}
 
 
-def decode_step(cfg: models.ModelConfig, params: Any, layers: list[Any], token_b: jax.Array,
+def decode_step(cfg: models.ModelConfig, dparams: dict[str, Any], token_b: jax.Array,
                 cache: LayerCache) -> tuple[jax.Array, LayerCache]:
-  """`models.decode_step` with the layers unrolled over `unstack_layers(params)`: logits [B, V] f32, cache.
+  """`models.decode_step` with the layers unrolled over `decode_params(cfg, params)`: logits [B, V] f32, cache.
 
   Same maths, same modules (transformer.Block per layer); tests hold it equal to `models.decode_step`.
   """
@@ -50,13 +51,13 @@ def decode_step(cfg: models.ModelConfig, params: Any, layers: list[Any], token_b
   causal_s = jnp.arange(key_valid_bs.shape[1]) <= index
   bias_bts = jnp.where(key_valid_bs & causal_s[None, :], 0.0, _MASKED).astype(jnp.float32)[:, None, :]
   cos_btd, sin_btd = transformer.rope_cos_sin(cfg, cache["pos_b"][:, None])  # new token's position
-  x_btd = jnp.take(params["embed"], token_b[:, None], axis=0).astype(cfg.dtype)
+  x_btd = jnp.take(dparams["embed"], token_b[:, None], axis=0).astype(cfg.dtype)
   kv = []
-  for layer, layer_kv in zip(layers, cache["kv"]):
+  for layer, layer_kv in zip(dparams["layers"], cache["kv"]):
     x_btd, layer_kv = transformer.Block(cfg).apply({"params": layer}, x_btd, layer_kv, cos_btd, sin_btd,
                                                    bias_bts, index)
     kv.append(layer_kv)
   norm = transformer.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
-  h_bd = norm.apply({"params": params["final_norm"]}, x_btd)[:, 0]
+  h_bd = norm.apply({"params": dparams["final_norm"]}, x_btd)[:, 0]
   new_cache = {"kv": kv, "mask_bs": key_valid_bs, "pos_b": cache["pos_b"] + 1, "index": index + 1}
-  return models.logits_from_hidden(cfg, params, h_bd), new_cache
+  return models.logits_from_hidden(cfg, dparams, h_bd), new_cache

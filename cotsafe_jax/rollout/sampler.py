@@ -164,7 +164,7 @@ def _core(params: Any, prompt_bp: jax.Array, mask_bp: jax.Array, rng: jax.Array,
   tok_b, done_b, tokens_bt, logp_bt, ent_bt, len_b = emit(0, logits_bv, jnp.zeros((b,), bool), tokens_bt,
                                                           logp_bt, ent_bt)
 
-  layers = decode_lib.unstack_layers(params)  # sliced once, outside the loop
+  dparams = decode_lib.decode_params(cfg, params)  # rearranged once, outside the loop
   cache = decode_lib.split_cache(cfg, cache, mesh)
 
   def cond(state):
@@ -173,7 +173,7 @@ def _core(params: Any, prompt_bp: jax.Array, mask_bp: jax.Array, rng: jax.Array,
 
   def body(state):
     i, tok_b, done_b, cache, tokens_bt, logp_bt, ent_bt, len_b = state
-    logits_bv, cache = decode_lib.decode_step(cfg, params, layers, tok_b, cache)
+    logits_bv, cache = decode_lib.decode_step(cfg, dparams, tok_b, cache)
     tok_b, done_b, tokens_bt, logp_bt, ent_bt, live_b = emit(i, logits_bv, done_b, tokens_bt, logp_bt, ent_bt)
     return i + 1, tok_b, done_b, cache, tokens_bt, logp_bt, ent_bt, len_b + live_b
 

@@ -24,12 +24,12 @@ def test_unrolled_decode_equals_models_decode_step(family):
   @jax.jit
   def both(params, cache, tokens_nb):
     ref_cache, ours = cache, decode.split_cache(cfg, cache)
-    layers = decode.unstack_layers(params)
+    dparams = decode.decode_params(cfg, params)
     ref, got = [], []
     for tok_b in tokens_nb:
       logits, ref_cache = models.decode_step(cfg, params, tok_b, ref_cache)
       ref.append(logits)
-      logits, ours = decode.decode_step(cfg, params, layers, tok_b, ours)
+      logits, ours = decode.decode_step(cfg, dparams, tok_b, ours)
       got.append(logits)
     return jnp.stack(ref), jnp.stack(got), ref_cache, ours
 
