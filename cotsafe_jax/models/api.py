@@ -106,7 +106,7 @@ def cache_shapes(cfg: ModelConfig, batch_size: int, max_len: int) -> tuple[tuple
 
 # logical axes of the k and v caches, in the layouts of cache_shapes
 KV_CACHE_AXES = (("layers", "batch", "kv_heads", "head_dim", "cache_length"),
-               ("layers", "batch", "kv_heads", "cache_length", "head_dim"))
+                 ("layers", "batch", "kv_heads", "cache_length", "head_dim"))
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, *, dtype: Any = None,
