@@ -21,11 +21,20 @@ _MASKED = -1e30  # finite like the model's own bias: a fully masked row stays Na
 LayerCache = dict[str, Any]
 
 
-def decode_params(cfg: models.ModelConfig, params: Any) -> dict[str, Any]:
-  """`params` with "layers" as a list of per-layer trees, sliced once from the scanned (stacked on axis 0) layers."""
+def decode_params(cfg: models.ModelConfig, params: Any, *, unembedding_vd: bool = False) -> dict[str, Any]:
+  """`params` rearranged once, before a decode loop, for `decode_step`.
+
+  "layers" becomes a list of per-layer trees sliced from the scanned (stacked on axis 0) layers. With
+  `unembedding_vd`, "unembed_vd" holds the unembedding as [V, D] (the embedding itself when tied, else
+  lm_head transposed once): on XLA CPU the per-step [B, D] x [V, D]^T product is faster than [B, D] x [D, V]
+  (benchmarks/README.md), at the cost of one [V, D] copy when the head is untied.
+  """
   stacked = params["layers"]
   layers = [jax.tree.map(lambda w, i=i: w[i], stacked) for i in range(cfg.num_layers)]
-  return {**params, "layers": layers}
+  out = {**params, "layers": layers}
+  if unembedding_vd:
+    out["unembed_vd"] = params["embed"] if cfg.tie_word_embeddings else params["lm_head"].T
+  return out
 
 
 def split_cache(cfg: models.ModelConfig, cache: dict[str, jax.Array], mesh: Mesh | None = None) -> LayerCache:
@@ -60,4 +69,8 @@ def decode_step(cfg: models.ModelConfig, dparams: dict[str, Any], token_b: jax.A
   norm = transformer.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
   h_bd = norm.apply({"params": dparams["final_norm"]}, x_btd)[:, 0]
   new_cache = {"kv": kv, "mask_bs": key_valid_bs, "pos_b": cache["pos_b"] + 1, "index": index + 1}
-  return models.logits_from_hidden(cfg, dparams, h_bd), new_cache
+  if "unembed_vd" not in dparams:
+    return models.logits_from_hidden(cfg, dparams, h_bd), new_cache
+  logits_bv = jnp.einsum("bd,vd->bv", h_bd.astype(cfg.dtype), dparams["unembed_vd"].astype(cfg.dtype),
+                         preferred_element_type=jnp.float32)
+  return logits_bv, new_cache

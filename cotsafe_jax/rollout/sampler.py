@@ -164,7 +164,8 @@ def _core(params: Any, prompt_bp: jax.Array, mask_bp: jax.Array, rng: jax.Array,
   tok_b, done_b, tokens_bt, logp_bt, ent_bt, len_b = emit(0, logits_bv, jnp.zeros((b,), bool), tokens_bt,
                                                           logp_bt, ent_bt)
 
-  dparams = decode_lib.decode_params(cfg, params)  # rearranged once, outside the loop
+  on_cpu = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform == "cpu"
+  dparams = decode_lib.decode_params(cfg, params, unembedding_vd=on_cpu)  # rearranged once, outside the loop
   cache = decode_lib.split_cache(cfg, cache, mesh)
 
   def cond(state):

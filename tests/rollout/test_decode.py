@@ -8,8 +8,9 @@ from cotsafe_jax import models
 from cotsafe_jax.rollout import decode
 
 
-@pytest.mark.parametrize("family", ["qwen3", "llama"])  # qwen2: the sampler tests, against the full forward
-def test_unrolled_decode_equals_models_decode_step(family):
+@pytest.mark.parametrize("family,unembedding_vd", [("qwen3", True), ("qwen3", False), ("llama", True)])
+def test_unrolled_decode_equals_models_decode_step(family, unembedding_vd):
+  # qwen2: the sampler tests, against the full forward; llama: tied embeddings (unembed_vd is the embedding)
   cfg = models.tiny_config(family, vocab_size=53, hidden_size=32, intermediate_size=48, num_layers=2,
                            num_heads=4, num_kv_heads=2, tie_word_embeddings=family == "llama")
   params = models.init_params(cfg, jax.random.key(2))
@@ -24,7 +25,7 @@ def test_unrolled_decode_equals_models_decode_step(family):
   @jax.jit
   def both(params, cache, tokens_nb):
     ref_cache, ours = cache, decode.split_cache(cfg, cache)
-    dparams = decode.decode_params(cfg, params)
+    dparams = decode.decode_params(cfg, params, unembedding_vd=unembedding_vd)
     ref, got = [], []
     for tok_b in tokens_nb:
       logits, ref_cache = models.decode_step(cfg, params, tok_b, ref_cache)
