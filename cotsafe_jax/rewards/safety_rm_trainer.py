@@ -154,7 +154,8 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
   start = manager.latest_step() or 0
   if start:
     state = manager.restore(start, args=ocp.args.StandardRestore(state))
-  logger = MetricLogger(workdir, total_steps=steps, resume_step=start or None, postfix_keys=("loss",))
+  logger = MetricLogger(workdir, total_steps=steps, resume_step=start or None, postfix_keys=("loss",),
+                        desc="safety_rm")
   metrics: dict[str, Any] = {}
   for step in range(start, steps):
     batch = _put(train.take(_batch_indices(len(train), batch_size, step, seed)), mesh)

@@ -76,11 +76,12 @@ class MetricLogger:
   Time phases: `with logger.phase("rollout"): ...` adds the host wall time to `time/rollout_s` of
   the next `write`; block on the phase's outputs inside it (jax dispatch is asynchronous).
   `add_tokens(n)` counts tokens for `perf/tokens_per_s` = tokens / wall time since the last write.
+  `desc` labels the progress bar (the demo runs two trainers at once).
   """
 
   def __init__(self, workdir: str, *, total_steps: int, is_main: bool | None = None,
                tensorboard: bool = True, resume_step: int | None = None,
-               postfix_keys: Sequence[str] = ()):
+               postfix_keys: Sequence[str] = (), desc: str = "train"):
     self.workdir = workdir
     self.is_main = (jax.process_index() == 0) if is_main is None else is_main
     self.metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -102,7 +103,7 @@ class MetricLogger:
       purge = None if resume_step is None else resume_step + 1
       self._tb = SummaryWriter(logdir=workdir, purge_step=purge, flush_secs=30)
     self._bar = tqdm.tqdm(total=total_steps, initial=resume_step or 0, dynamic_ncols=True,
-                          desc="train")
+                          desc=desc)
 
   @contextlib.contextmanager
   def phase(self, name: str) -> Iterator[None]:

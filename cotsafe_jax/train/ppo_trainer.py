@@ -250,7 +250,7 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
                                          state_shardings=state_shardings, batch_shardings=batch_shardings)
 
   logger = MetricLogger(workdir, total_steps=num_steps, resume_step=start if start else None,
-                        postfix_keys=("reward/mean", "kl/mean"))
+                        postfix_keys=("reward/mean", "kl/mean"), desc="ppo")
   history: list[dict[str, float]] = []
   num_truncated = int(extra.get("num_truncated", 0))
   with _StopFlag() as stop, logger:

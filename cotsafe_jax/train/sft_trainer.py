@@ -460,7 +460,7 @@ def sft_train(*, workdir: str, data: str, config: SFTConfig, model: models.Model
   step = start
   stopped = False
   logger = MetricLogger(workdir, total_steps=num_steps, resume_step=start or None,
-                        postfix_keys=("loss", "token_accuracy"))
+                        postfix_keys=("loss", "token_accuracy"), desc="sft")
   try:
     with _StopRequest() as stop:
       while step < num_steps:

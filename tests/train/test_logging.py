@@ -41,7 +41,8 @@ def _metrics(step):
 
 def test_rows_tensorboard_and_phases(tmp_path):
   wd = str(tmp_path / "run")
-  with train.MetricLogger(wd, total_steps=3, is_main=True, postfix_keys=("loss",)) as log:
+  with train.MetricLogger(wd, total_steps=3, is_main=True, postfix_keys=("loss",), desc="sft") as log:
+    assert log._bar.desc.startswith("sft")
     for step in (1, 2, 3):
       with log.phase("rollout"):
         time.sleep(0.02)
