@@ -14,6 +14,7 @@ setup(
         "orbax-checkpoint>=0.11,<0.13",
         "gin-config>=0.5,<0.6",
         "transformers>=4.56,<6",
+        "jinja2>=3.1,<4",  # transformers renders chat templates with it but does not require it
         "datasets>=3.0,<6",
         "safetensors>=0.4,<1",
         "grain>=0.2.10,<0.4",
