@@ -17,6 +17,8 @@ setup(
         "jinja2>=3.1,<4",  # transformers renders chat templates with it but does not require it
         "datasets>=3.0,<6",
         "safetensors>=0.4,<1",
+        "tokenizers>=0.20,<1",
+        "pyarrow>=15",
         "grain>=0.2.10,<0.4",
         "tensorflow-datasets>=4.9.7,<5",
         "numpy>=1.26,<3",
