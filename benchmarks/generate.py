@@ -11,23 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
+import _machine  # benchmarks/_machine.py
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _machine() -> str:
-  try:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    model = next(l.split(":", 1)[1].strip() for l in lscpu.splitlines() if "Model name" in l)
-  except (OSError, subprocess.CalledProcessError, StopIteration):
-    model = platform.processor() or "unknown CPU"
-  return f"{model}, {os.cpu_count()} cores"
 
 
 def main() -> None:
@@ -108,7 +99,7 @@ def main() -> None:
   torch_s = statistics.median(r["torch_s"] for r in rounds)
   ours_s = statistics.median(r["ours_s"] for r in rounds)
   result = {
-      "machine": _machine(), "torch_threads": args.threads, "jax": jax.__version__, "torch": torch.__version__,
+      "machine": _machine.describe(), "torch_threads": args.threads, "jax": jax.__version__, "torch": torch.__version__,
       "load_avg_start": load_start, "load_avg_end": load_end,
       "model": "Qwen2, 4 layers, d_model 512, 8 heads / 2 kv heads, mlp 1536, vocab 32000, float32",
       "batch": b, "prompt_len": args.prompt, "new_tokens": n, "sampling": "temperature 1, no top-k/top-p",

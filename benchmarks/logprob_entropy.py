@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
+
+import _machine  # benchmarks/_machine.py
 
 import jax
 import jax.numpy as jnp
@@ -26,18 +26,6 @@ from cotsafe_jax.kernels import logprob_entropy  # noqa: E402
 SHAPES = ((2048, 256, 32768), (4096, 256, 32768), (4096, 512, 152064))
 # A Pallas kernel is only benchmarked compiled, on its own platform (interpret mode is a test aid).
 _PALLAS_PLATFORM = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
-
-
-def _machine() -> str:
-  backend = jax.default_backend()
-  if backend != "cpu":
-    return f"{backend}: {jax.devices()[0].device_kind}"
-  try:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    model = next(l.split(":", 1)[1].strip() for l in lscpu.splitlines() if "Model name" in l)
-  except (OSError, subprocess.CalledProcessError, StopIteration):
-    model = platform.processor() or "unknown CPU"
-  return f"cpu: {model}, {os.cpu_count()} cores"
 
 
 def _available_gib() -> float:
@@ -125,7 +113,7 @@ def main(argv=None) -> dict:
   shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s]
   impls = [i for i in args.impl.split(",") if i]
   rate = _matmul_rate(dtype, args.matmul_size or (2048 if backend == "cpu" else 8192), args.reps)
-  result = {"machine": _machine(), "backend": backend, "jax": jax.__version__,
+  result = {"machine": _machine.describe(), "backend": backend, "jax": jax.__version__,
             "dtype": args.dtype, "temperature": args.temperature, "reps": args.reps,
             "max_run_gib": args.max_run_gib, "load_average_at_start": os.getloadavg(),
             "matmul_flops_per_s": rate, "rows": []}
