@@ -11,7 +11,7 @@ import pytest
 
 from cotsafe_jax import CotsafeError, demo
 from cotsafe_jax.data import synthetic
-from tests.eval.test_report import PNG_MAGIC, _parse_table
+from tests.eval.test_report import PNG_MAGIC, _parse_table, assert_cells_match
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLOTS = ("curves.png", "entropy.png", "rates.png", "reflection.png")
@@ -78,14 +78,7 @@ def test_report_plots_exist_and_table_matches_summary(runs):
   assert list(parsed) == list(summary)
   for name, row in summary.items():
     assert set(parsed[name]) == set(row)
-    for key, value in row.items():
-      cell = parsed[name][key]
-      if value is None:
-        assert cell == "n/a"
-      elif isinstance(value, int):
-        assert int(cell) == value
-      else:
-        assert cell == f"{value:.3f}", (name, key, cell, value)
+    assert_cells_match(name, parsed[name], row)
   # the launcher printed the same table, and the report says what the baseline saw
   table = "\n".join(line for line in md.splitlines() if line.startswith("|"))
   assert table in runs[0]["stdout"]

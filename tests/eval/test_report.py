@@ -38,6 +38,18 @@ def _parse_table(md):
           ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:])}
 
 
+def assert_cells_match(name, cells, summary):
+  """Each summary value printed as the report prints it: n/a for None, ints whole, floats to 3 decimals."""
+  for key, value in summary.items():
+    cell = cells[key]
+    if value is None:
+      assert cell == "n/a", (name, key, cell)
+    elif isinstance(value, int):
+      assert int(cell) == value, (name, key, cell, value)
+    else:
+      assert cell == f"{value:.3f}" and abs(float(cell) - value) <= 5e-4 + 1e-12, (name, key, cell, value)
+
+
 def test_report_files_and_table_match_summary_json(tmp_path):
   summaries = _summaries()
   rng = np.random.default_rng(1)
@@ -52,14 +64,7 @@ def test_report_files_and_table_match_summary_json(tmp_path):
   assert list(parsed) == list(saved)
   for name, summary in saved.items():
     assert list(parsed[name]) == list(ev.SUMMARY_KEYS)
-    for key, value in summary.items():
-      cell = parsed[name][key]
-      if value is None:
-        assert cell == "n/a"
-      elif isinstance(value, int):
-        assert int(cell) == value
-      else:
-        assert cell == f"{value:.3f}" and abs(float(cell) - value) <= 5e-4 + 1e-12, (name, key, cell, value)
+    assert_cells_match(name, parsed[name], summary)
   for png in ("curves.png", "entropy.png", "rates.png", "reflection.png"):
     path = tmp_path / png
     assert path.stat().st_size > 1000 and path.read_bytes()[:8] == PNG_MAGIC
