@@ -1,7 +1,8 @@
-"""One-token decode over per-layer params and KV caches: the sampler's hot loop without the layer scan.
+"""Prefill and one-token decode over per-layer params and KV caches: the sampler without the layer scan.
 
 Inside a while loop the model's scan over stacked layers copies each layer's weights out of the stack every
 step (about a third of a CPU decode step); slicing once before the loop and unrolling the layers avoids it.
+The prefill reads the same slices, so the layers are copied out of the stack once per `generate`.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from cotsafe_jax import models
+from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.models import transformer
 from cotsafe_jax.parallel import mesh as mesh_lib
 
@@ -37,15 +39,15 @@ def decode_params(cfg: models.ModelConfig, params: Any, *, unembedding_vd: bool 
   return out
 
 
-def split_cache(cfg: models.ModelConfig, cache: dict[str, jax.Array], mesh: Mesh | None = None) -> LayerCache:
-  """A `models.init_cache` / `models.prefill` cache with k/v split into one (k, v) pair per layer."""
-  kv = [(cache["k"][i], cache["v"][i]) for i in range(cfg.num_layers)]
-  if mesh is not None:
-    shapes = models.cache_shapes(cfg, *cache["mask_bs"].shape)
-    k_sharding, v_sharding = (mesh_lib.logical_sharding(mesh, axes[1:], shape[1:])
-                              for axes, shape in zip(models.KV_CACHE_AXES, shapes))
-    kv = jax.lax.with_sharding_constraint(kv, [(k_sharding, v_sharding)] * len(kv))
-  return {"kv": kv, "mask_bs": cache["mask_bs"], "pos_b": cache["pos_b"], "index": cache["index"]}
+def _constrain(cfg: models.ModelConfig, cache: LayerCache, mesh: Mesh | None) -> LayerCache:
+  """Each layer's k / v sharded per `models.KV_CACHE_AXES` (without the layer axis) under `mesh`."""
+  if mesh is None:
+    return cache
+  shapes = models.cache_shapes(cfg, *cache["mask_bs"].shape)
+  k_sharding, v_sharding = (mesh_lib.logical_sharding(mesh, axes[1:], shape[1:])
+                            for axes, shape in zip(models.KV_CACHE_AXES, shapes))
+  kv = jax.lax.with_sharding_constraint(cache["kv"], [(k_sharding, v_sharding)] * len(cache["kv"]))
+  return {**cache, "kv": kv}
 
 
 def decode_step(cfg: models.ModelConfig, dparams: dict[str, Any], token_b: jax.Array,
@@ -66,11 +68,47 @@ def decode_step(cfg: models.ModelConfig, dparams: dict[str, Any], token_b: jax.A
     x_btd, layer_kv = transformer.Block(cfg).apply({"params": layer}, x_btd, layer_kv, cos_btd, sin_btd,
                                                    bias_bts, index)
     kv.append(layer_kv)
-  norm = transformer.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
-  h_bd = norm.apply({"params": dparams["final_norm"]}, x_btd)[:, 0]
   new_cache = {"kv": kv, "mask_bs": key_valid_bs, "pos_b": cache["pos_b"] + 1, "index": index + 1}
+  return _logits(cfg, dparams, x_btd[:, 0]), new_cache
+
+
+def prefill(cfg: models.ModelConfig, dparams: dict[str, Any], tokens_bp: jax.Array, mask_bp: jax.Array,
+            slots: int, mesh: Mesh | None = None) -> tuple[jax.Array, LayerCache]:
+  """`models.prefill` into a fresh cache of `slots` slots, over `decode_params` layers: (logits [B, V], cache).
+
+  The prompt attends over its own P slots only (not all `slots`: the rest are empty at prefill) and reads the
+  per-layer weights the decode loop reads (no second slicing of the stacked layers); each layer's k / v are
+  then padded to `slots`. Same maths as `models.prefill` on `models.init_cache(cfg, B, slots)`; tests hold
+  the two equal.
+  """
+  b, p = tokens_bp.shape
+  if slots < p:
+    raise CotsafeError(f"decode.prefill: slots={slots} is less than the prompt length {p}")
+  mask_bp = mask_bp.astype(bool)
+  slot_p = jnp.arange(p)
+  ok_bts = (slot_p[None, None, :] <= slot_p[None, :, None]) & mask_bp[:, None, :]
+  bias_bts = jnp.where(ok_bts, 0.0, _MASKED).astype(jnp.float32)
+  cos_btd, sin_btd = transformer.rope_cos_sin(cfg, models.positions_from_mask(mask_bp))
+  x_btd = jnp.take(dparams["embed"], tokens_bp, axis=0).astype(cfg.dtype)
+  k_shape, v_shape = models.cache_shapes(cfg, b, p)
+  dtype = cfg.dtype
+  kv = []
+  for layer in dparams["layers"]:
+    empty = (jnp.zeros(k_shape[1:], dtype), jnp.zeros(v_shape[1:], dtype))
+    x_btd, (k_bgks, v_bgsk) = transformer.Block(cfg).apply({"params": layer}, x_btd, empty, cos_btd, sin_btd,
+                                                           bias_bts, jnp.int32(0))
+    kv.append((jnp.pad(k_bgks, ((0, 0), (0, 0), (0, 0), (0, slots - p))),
+               jnp.pad(v_bgsk, ((0, 0), (0, 0), (0, slots - p), (0, 0)))))
+  cache = {"kv": kv, "mask_bs": jnp.pad(mask_bp, ((0, 0), (0, slots - p))),
+           "pos_b": mask_bp.sum(axis=1, dtype=jnp.int32), "index": jnp.int32(p)}
+  return _logits(cfg, dparams, x_btd[:, -1]), _constrain(cfg, cache, mesh)
+
+
+def _logits(cfg: models.ModelConfig, dparams: dict[str, Any], x_bd: jax.Array) -> jax.Array:
+  """Final norm + unembedding of the last layer's output rows [B, D] -> logits [B, V] in float32."""
+  norm = transformer.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
+  h_bd = norm.apply({"params": dparams["final_norm"]}, x_bd)
   if "unembed_vd" not in dparams:
-    return models.logits_from_hidden(cfg, dparams, h_bd), new_cache
-  logits_bv = jnp.einsum("bd,vd->bv", h_bd.astype(cfg.dtype), dparams["unembed_vd"].astype(cfg.dtype),
-                         preferred_element_type=jnp.float32)
-  return logits_bv, new_cache
+    return models.logits_from_hidden(cfg, dparams, h_bd)
+  return jnp.einsum("bd,vd->bv", h_bd.astype(cfg.dtype), dparams["unembed_vd"].astype(cfg.dtype),
+                    preferred_element_type=jnp.float32)

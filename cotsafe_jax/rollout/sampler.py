@@ -141,9 +141,6 @@ def _core(params: Any, prompt_bp: jax.Array, mask_bp: jax.Array, rng: jax.Array,
   b, p = prompt_bp.shape
   t = max_new_tokens
   slots = p + t - 1  # the last token is sampled, never fed back
-  cache = models.init_cache(cfg, b, slots)
-  if mesh is not None:
-    cache = jax.lax.with_sharding_constraint(cache, models.cache_shardings(cfg, mesh, b, slots))
   eos_v = jnp.asarray(s.eos_ids if s.eos_ids else (-1,), jnp.int32)
 
   def emit(i, logits_bv, done_b, tokens_bt, logp_bt, ent_bt):
@@ -157,16 +154,15 @@ def _core(params: Any, prompt_bp: jax.Array, mask_bp: jax.Array, rng: jax.Array,
     done_b = done_b | (live_b & jnp.isin(tok_b, eos_v))
     return tok_b, done_b, tokens_bt, logp_bt, ent_bt, live_b.astype(jnp.int32)
 
-  logits_bv, cache = models.prefill(cfg, params, prompt_bp, mask_bp, cache)
+  on_cpu = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform == "cpu"
+  # the layers sliced out of the scan once, for the prefill and every decode step
+  dparams = decode_lib.decode_params(cfg, params, unembedding_vd=on_cpu)
+  logits_bv, cache = decode_lib.prefill(cfg, dparams, prompt_bp, mask_bp, slots, mesh)
   tokens_bt = jnp.full((b, t), s.pad_id, jnp.int32)
   logp_bt = jnp.zeros((b, t), jnp.float32)
   ent_bt = jnp.zeros((b, t) if s.return_entropy else (b, 0), jnp.float32)
   tok_b, done_b, tokens_bt, logp_bt, ent_bt, len_b = emit(0, logits_bv, jnp.zeros((b,), bool), tokens_bt,
                                                           logp_bt, ent_bt)
-
-  on_cpu = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform == "cpu"
-  dparams = decode_lib.decode_params(cfg, params, unembedding_vd=on_cpu)  # rearranged once, outside the loop
-  cache = decode_lib.split_cache(cfg, cache, mesh)
 
   def cond(state):
     i, _, done_b, *_ = state
