@@ -9,14 +9,13 @@ may be shared: the table reports the load average and per-round ratios); our com
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 
-import _machine  # benchmarks/_machine.py
+import _common  # benchmarks/_common.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -99,7 +98,7 @@ def main() -> None:
   torch_s = statistics.median(r["torch_s"] for r in rounds)
   ours_s = statistics.median(r["ours_s"] for r in rounds)
   result = {
-      "machine": _machine.describe(), "torch_threads": args.threads, "jax": jax.__version__, "torch": torch.__version__,
+      "machine": _common.describe(), "torch_threads": args.threads, "jax": jax.__version__, "torch": torch.__version__,
       "load_avg_start": load_start, "load_avg_end": load_end,
       "model": "Qwen2, 4 layers, d_model 512, 8 heads / 2 kv heads, mlp 1536, vocab 32000, float32",
       "batch": b, "prompt_len": args.prompt, "new_tokens": n, "sampling": "temperature 1, no top-k/top-p",
@@ -122,10 +121,7 @@ def main() -> None:
         f"{result['ours_cpu_s_per_1k_tokens']:.2f} |")
   print(f"ratio (ours / transformers): {result['ratio']:.2f}x of median round times, "
         f"{result['ratio_best_rounds']:.2f}x of best round times; our compile: {result['ours_compile_s']:.1f} s")
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "generate_cpu.json")
-  with open(out, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {out}")
+  _common.write_json(result, args.out, "generate_cpu.json")
 
 
 if __name__ == "__main__":

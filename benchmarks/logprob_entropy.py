@@ -8,13 +8,12 @@ jax.jit(f).lower(...).compile().memory_analysis(). Prints a markdown table and w
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 
-import _machine  # benchmarks/_machine.py
+import _common  # benchmarks/_common.py
 
 import jax
 import jax.numpy as jnp
@@ -113,7 +112,7 @@ def main(argv=None) -> dict:
   shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s]
   impls = [i for i in args.impl.split(",") if i]
   rate = _matmul_rate(dtype, args.matmul_size or (2048 if backend == "cpu" else 8192), args.reps)
-  result = {"machine": _machine.describe(), "backend": backend, "jax": jax.__version__,
+  result = {"machine": _common.describe(), "backend": backend, "jax": jax.__version__,
             "dtype": args.dtype, "temperature": args.temperature, "reps": args.reps,
             "max_run_gib": args.max_run_gib, "load_average_at_start": os.getloadavg(),
             "matmul_flops_per_s": rate, "rows": []}
@@ -143,11 +142,7 @@ def main(argv=None) -> dict:
       result["rows"].append(row)
       print(_table_row(row, rate), flush=True)
   _ratios(result)
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                 f"logprob_entropy_{backend}_{args.dtype}.json")
-  with open(out, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {out}")
+  _common.write_json(result, args.out, f"logprob_entropy_{backend}_{args.dtype}.json")
   return result
 
 

@@ -12,12 +12,11 @@ working set of the benchmarks/generate.py decode loop.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 
-import _machine  # benchmarks/_machine.py
+import _common  # benchmarks/_common.py
 
 
 def main() -> None:
@@ -73,7 +72,7 @@ def main() -> None:
         f"{name} {row[name]['ms_per_block']:6.3f} ms ({row[name]['weight_gb_per_s']:4.1f} GB/s)" for name in forms),
         flush=True)
 
-  result = {"machine": _machine.describe(), "jax": jax.__version__, "rows": args.rows, "block_shape": [v, d],
+  result = {"machine": _common.describe(), "jax": jax.__version__, "rows": args.rows, "block_shape": [v, d],
             "load_avg": os.getloadavg(), "generate_loop_weights_mb": loop_weights / 2**20,
             "generate_loop_kv_cache_mb": loop_kv / 2**20, "results": rows}
   print(f"\n{result['machine']}; load average {result['load_avg'][0]:.1f}; {args.rows} rows x [{v}, {d}] float32 "
@@ -84,10 +83,7 @@ def main() -> None:
           f"{r['vb']['ms_per_block']:.3f} | {r['vb']['weight_gb_per_s']:.1f} |")
   print(f"generate.py's decode loop reads {loop_weights / 2**20:.0f} MiB of weights and up to "
         f"{loop_kv / 2**20:.1f} MiB of KV cache per step")
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "matmul_working_set_cpu.json")
-  with open(out, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {out}")
+  _common.write_json(result, args.out, "matmul_working_set_cpu.json")
 
 
 if __name__ == "__main__":

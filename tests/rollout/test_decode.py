@@ -9,6 +9,21 @@ from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.rollout import decode
 
 
+def _model(family, *, num_layers, seed):
+  """A tiny model; llama with tied embeddings (the decode loop then reads the embedding as the head)."""
+  cfg = models.tiny_config(family, vocab_size=53, hidden_size=32, intermediate_size=48, num_layers=num_layers,
+                           num_heads=4, num_kv_heads=2, tie_word_embeddings=family == "llama")
+  return cfg, models.init_params(cfg, jax.random.key(seed))
+
+
+def _prompts(rs, b, p, left_pad):
+  """Random [b, p] prompts and their mask, row r left-padded by left_pad[r] tokens."""
+  mask = np.ones((b, p), bool)
+  for row, pad in left_pad.items():
+    mask[row, :pad] = False
+  return jnp.asarray(rs.randint(1, 53, (b, p))), jnp.asarray(mask)
+
+
 def _real_slots(k, v, mask_bs):
   """k [L, B, K, Dh, S], v [L, B, K, S, Dh] at the slots holding real tokens -> [L, N, K, Dh] each.
 
@@ -20,16 +35,11 @@ def _real_slots(k, v, mask_bs):
 
 @pytest.mark.parametrize("family,unembedding_vd", [("qwen3", True), ("qwen3", False), ("llama", True)])
 def test_unrolled_decode_equals_models_decode_step(family, unembedding_vd):
-  # qwen2: the sampler tests, against the full forward; llama: tied embeddings (unembed_vd is the embedding)
-  cfg = models.tiny_config(family, vocab_size=53, hidden_size=32, intermediate_size=48, num_layers=2,
-                           num_heads=4, num_kv_heads=2, tie_word_embeddings=family == "llama")
-  params = models.init_params(cfg, jax.random.key(2))
+  # (qwen2 is covered by the sampler tests, against the full forward)
+  cfg, params = _model(family, num_layers=2, seed=2)
   rs = np.random.RandomState(0)
   b, p, n = 3, 5, 2
-  prompt = jnp.asarray(rs.randint(1, 53, (b, p)))
-  mask = np.ones((b, p), bool)
-  mask[0, :3] = False  # left padding
-  mask = jnp.asarray(mask)
+  prompt, mask = _prompts(rs, b, p, {0: 3})
 
   @jax.jit
   def both(params, tokens_nb):
@@ -58,16 +68,10 @@ def test_unrolled_decode_equals_models_decode_step(family, unembedding_vd):
 @pytest.mark.parametrize("family,unembedding_vd", [("qwen3", True), ("llama", False)])
 def test_prefill_over_prompt_slots_equals_models_prefill(family, unembedding_vd):
   # decode.prefill attends over the P prompt slots and pads the cache; models.prefill attends over all slots
-  cfg = models.tiny_config(family, vocab_size=53, hidden_size=32, intermediate_size=48, num_layers=3,
-                           num_heads=4, num_kv_heads=2, tie_word_embeddings=family == "llama")
-  params = models.init_params(cfg, jax.random.key(3))
+  cfg, params = _model(family, num_layers=3, seed=3)
   rs = np.random.RandomState(1)
   b, p, slots = 3, 6, 11
-  prompt = jnp.asarray(rs.randint(1, 53, (b, p)))
-  mask = np.ones((b, p), bool)
-  mask[0, :4] = False  # left padding
-  mask[2, :1] = False
-  mask = jnp.asarray(mask)
+  prompt, mask = _prompts(rs, b, p, {0: 4, 2: 1})
   ref_logits, ref = models.prefill(cfg, params, prompt, mask, models.init_cache(cfg, b, slots))
 
   @jax.jit
