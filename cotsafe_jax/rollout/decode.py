@@ -97,11 +97,21 @@ def prefill(cfg: models.ModelConfig, dparams: dict[str, Any], tokens_bp: jax.Arr
     empty = (jnp.zeros(k_shape[1:], dtype), jnp.zeros(v_shape[1:], dtype))
     x_btd, (k_bgks, v_bgsk) = transformer.Block(cfg).apply({"params": layer}, x_btd, empty, cos_btd, sin_btd,
                                                            bias_bts, jnp.int32(0))
-    kv.append((jnp.pad(k_bgks, ((0, 0), (0, 0), (0, 0), (0, slots - p))),
-               jnp.pad(v_bgsk, ((0, 0), (0, 0), (0, slots - p), (0, 0)))))
-  cache = {"kv": kv, "mask_bs": jnp.pad(mask_bp, ((0, 0), (0, slots - p))),
-           "pos_b": mask_bp.sum(axis=1, dtype=jnp.int32), "index": jnp.int32(p)}
-  return _logits(cfg, dparams, x_btd[:, -1]), _constrain(cfg, cache, mesh)
+    kv.append((k_bgks, v_bgsk))
+  cache = {"kv": kv, "mask_bs": mask_bp, "pos_b": mask_bp.sum(axis=1, dtype=jnp.int32), "index": jnp.int32(p)}
+  return _logits(cfg, dparams, x_btd[:, -1]), grow_cache(cfg, cache, slots, mesh)
+
+
+def grow_cache(cfg: models.ModelConfig, cache: LayerCache, slots: int, mesh: Mesh | None = None) -> LayerCache:
+  """`cache` with every layer's k / v (and the key mask) padded with empty slots up to `slots`."""
+  extra = slots - cache["mask_bs"].shape[1]
+  if extra < 0:
+    raise CotsafeError(f"decode.grow_cache: slots={slots} is less than the cache's "
+                       f"{cache['mask_bs'].shape[1]} slots")
+  kv = [(jnp.pad(k_bgks, ((0, 0), (0, 0), (0, 0), (0, extra))),
+         jnp.pad(v_bgsk, ((0, 0), (0, 0), (0, extra), (0, 0)))) for k_bgks, v_bgsk in cache["kv"]]
+  grown = {**cache, "kv": kv, "mask_bs": jnp.pad(cache["mask_bs"], ((0, 0), (0, extra)))}
+  return _constrain(cfg, grown, mesh)
 
 
 def _logits(cfg: models.ModelConfig, dparams: dict[str, Any], x_bd: jax.Array) -> jax.Array:

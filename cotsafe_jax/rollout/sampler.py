@@ -22,6 +22,8 @@ from cotsafe_jax.rollout import decode as decode_lib
 Buckets = str | int | Sequence[int]
 _MIN_BUCKET = 16
 _BLOCK = 128  # vocab block of the two-level inverse-CDF draw
+_STEPS_PER_PHASE = 64  # automatic cache phases: one per this many new tokens ...
+_MAX_PHASES = 4  # ... and at most this many (benchmarks/cache_phases.py)
 _trace_count = 0  # incremented each time the core is traced: tests assert bucketing avoids recompiles
 
 
@@ -134,13 +136,29 @@ def _take(x_bv: jax.Array, i_b: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x_bv, i_b[:, None], axis=-1)[:, 0]
 
 
+def phase_ends(max_new_tokens: int, cache_phases: int) -> list[int]:
+  """The step each decode phase ends before: steps 1 .. max_new_tokens - 1 in `cache_phases` near-equal runs.
+
+  Step i feeds the token drawn at step i - 1 into cache slot prompt_len + i - 1 and attends over slots
+  0 .. prompt_len + i - 1, so a phase ending before step e needs a cache of prompt_len + e - 1 slots.
+  """
+  steps = max_new_tokens - 1
+  phases = max(1, min(cache_phases, steps))
+  return [1 + steps * (k + 1) // phases for k in range(phases)]
+
+
+def auto_cache_phases(max_new_tokens: int) -> int:
+  """One decode phase per _STEPS_PER_PHASE new tokens, at most _MAX_PHASES (one loop-body compile each)."""
+  return max(1, min(_MAX_PHASES, max_new_tokens // _STEPS_PER_PHASE))
+
+
 def _core(params: Any, prompt_bp: jax.Array, mask_bp: jax.Array, rng: jax.Array, *, cfg: models.ModelConfig,
-          max_new_tokens: int, s: _Sampling, mesh: Mesh | None) -> GenerateOutput:
+          max_new_tokens: int, s: _Sampling, cache_phases: int, mesh: Mesh | None) -> GenerateOutput:
   global _trace_count
   _trace_count += 1
   b, p = prompt_bp.shape
   t = max_new_tokens
-  slots = p + t - 1  # the last token is sampled, never fed back
+  ends = phase_ends(t, cache_phases)  # the last phase ends at t: p + t - 1 slots (the last token is never fed)
   eos_v = jnp.asarray(s.eos_ids if s.eos_ids else (-1,), jnp.int32)
 
   def emit(i, logits_bv, done_b, tokens_bt, logp_bt, ent_bt):
@@ -157,16 +175,16 @@ def _core(params: Any, prompt_bp: jax.Array, mask_bp: jax.Array, rng: jax.Array,
   on_cpu = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform == "cpu"
   # the layers sliced out of the scan once, for the prefill and every decode step
   dparams = decode_lib.decode_params(cfg, params, unembedding_vd=on_cpu)
-  logits_bv, cache = decode_lib.prefill(cfg, dparams, prompt_bp, mask_bp, slots, mesh)
+  logits_bv, cache = decode_lib.prefill(cfg, dparams, prompt_bp, mask_bp, p + ends[0] - 1, mesh)
   tokens_bt = jnp.full((b, t), s.pad_id, jnp.int32)
   logp_bt = jnp.zeros((b, t), jnp.float32)
   ent_bt = jnp.zeros((b, t) if s.return_entropy else (b, 0), jnp.float32)
   tok_b, done_b, tokens_bt, logp_bt, ent_bt, len_b = emit(0, logits_bv, jnp.zeros((b,), bool), tokens_bt,
                                                           logp_bt, ent_bt)
 
-  def cond(state):
+  def cond(state, end):
     i, _, done_b, *_ = state
-    return (i < t) & ~jnp.all(done_b)
+    return (i < end) & ~jnp.all(done_b)
 
   def body(state):
     i, tok_b, done_b, cache, tokens_bt, logp_bt, ent_bt, len_b = state
@@ -174,8 +192,14 @@ def _core(params: Any, prompt_bp: jax.Array, mask_bp: jax.Array, rng: jax.Array,
     tok_b, done_b, tokens_bt, logp_bt, ent_bt, live_b = emit(i, logits_bv, done_b, tokens_bt, logp_bt, ent_bt)
     return i + 1, tok_b, done_b, cache, tokens_bt, logp_bt, ent_bt, len_b + live_b
 
+  # one while loop per phase, each over a cache just long enough for its steps: attention reads the filled
+  # part of the cache (rounded up to the phase's end), not every slot of the longest generation
   state = (jnp.int32(1), tok_b, done_b, cache, tokens_bt, logp_bt, ent_bt, len_b)
-  _, _, done_b, _, tokens_bt, logp_bt, ent_bt, len_b = jax.lax.while_loop(cond, body, state)
+  for k, end in enumerate(ends):
+    if k:
+      state = (*state[:3], decode_lib.grow_cache(cfg, state[3], p + end - 1, mesh), *state[4:])
+    state = jax.lax.while_loop(functools.partial(cond, end=end), body, state)
+  _, _, done_b, _, tokens_bt, logp_bt, ent_bt, len_b = state
   mask_bt = jnp.arange(t)[None, :] < len_b[:, None]
   return GenerateOutput(tokens_bt=tokens_bt, mask_bt=mask_bt, logprobs_bt=logp_bt, finished_b=done_b,
                         entropy_bt=ent_bt if s.return_entropy else None)
@@ -183,8 +207,9 @@ def _core(params: Any, prompt_bp: jax.Array, mask_bp: jax.Array, rng: jax.Array,
 
 @functools.lru_cache(maxsize=64)
 def _compiled(cfg: models.ModelConfig, mesh: Mesh | None, batch: int, prompt_len: int, max_new_tokens: int,
-              s: _Sampling):
-  core = functools.partial(_core, cfg=cfg, max_new_tokens=max_new_tokens, s=s, mesh=mesh)
+              s: _Sampling, cache_phases: int):
+  core = functools.partial(_core, cfg=cfg, max_new_tokens=max_new_tokens, s=s, cache_phases=cache_phases,
+                           mesh=mesh)
   if mesh is None:
     return jax.jit(core)
   rows = mesh_lib.batch_sharding(mesh, 2, (batch, prompt_len))
@@ -229,7 +254,8 @@ def _check_prompts(prompt_bp: Any, prompt_mask_bp: Any) -> int | None:
 def generate(cfg: models.ModelConfig, params: Any, prompt_bp: Any, prompt_mask_bp: Any, *, rng: jax.Array,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_ids: Sequence[int] = (), pad_id: int = 0, return_entropy: bool = False,
-             buckets: Buckets = "pow2", mesh: Mesh | None = None) -> GenerateOutput:
+             buckets: Buckets = "pow2", cache_phases: int | None = None,
+             mesh: Mesh | None = None) -> GenerateOutput:
   """Sample up to `max_new_tokens` per left-padded prompt row with a KV cache; deterministic for a given `rng`.
 
   Prefill the prompt, then a `lax.while_loop` decodes one token per row per step and exits once every row
@@ -239,6 +265,13 @@ def generate(cfg: models.ModelConfig, params: Any, prompt_bp: Any, prompt_mask_b
   Prompts are trimmed of all-padding columns and left-padded to `bucket_length(longest, buckets=buckets)`,
   so varying prompt lengths reuse one compiled program. Under a mesh (given, or read from the params'
   shardings) the batch is sharded over data x fsdp and the params follow the logical-axis rules.
+
+  The decode runs in `cache_phases` consecutive loops (default `auto_cache_phases(max_new_tokens)`: one per
+  64 new tokens, at most 4), each over a KV cache that ends at its own last step, grown between phases,
+  so a step's attention reads about the filled part of the cache instead of all prompt + max_new_tokens
+  slots (4 phases: 5/8 of the cache reads of one loop when the prompt is short). The slots a phase leaves
+  out are the empty ones every step masks anyway, so the draws are the same (tests hold them equal); each
+  phase compiles its own loop body.
 
   `logprobs_bt` are the sampler's log-probs under the tempered, filtered distribution each token was drawn
   from (greedy: the plain softmax). The trainer does not use them for the PPO ratio: it recomputes the old
@@ -254,6 +287,10 @@ def generate(cfg: models.ModelConfig, params: Any, prompt_bp: Any, prompt_mask_b
     raise CotsafeError(f"generate: top_k={top_k} (expected >= 0; 0 disables it)")
   if not 0.0 < top_p <= 1.0:
     raise CotsafeError(f"generate: top_p={top_p} (expected 0 < top_p <= 1; 1 disables it)")
+  if cache_phases is None:
+    cache_phases = auto_cache_phases(max_new_tokens)
+  if isinstance(cache_phases, bool) or not isinstance(cache_phases, int) or cache_phases < 1:
+    raise CotsafeError(f"generate: cache_phases={cache_phases!r} (expected a positive int, or None for automatic)")
   eos = tuple(int(e) for e in eos_ids)
   bad_ids = [i for i in eos + (int(pad_id),) if not 0 <= i < cfg.vocab_size]
   if bad_ids:
@@ -274,5 +311,6 @@ def generate(cfg: models.ModelConfig, params: Any, prompt_bp: Any, prompt_mask_b
     prompt_mask_bp = jnp.pad(prompt_mask_bp, ((0, 0), (target - width, 0)))
   mesh = _mesh_of(params) if mesh is None else mesh
   s = _Sampling(float(temperature), int(top_k), float(top_p), eos, int(pad_id), bool(return_entropy))
-  fn = _compiled(cfg, mesh, prompt_bp.shape[0], prompt_bp.shape[1], int(max_new_tokens), s)
+  phases = len(phase_ends(int(max_new_tokens), cache_phases))  # more phases than steps: one per step
+  fn = _compiled(cfg, mesh, prompt_bp.shape[0], prompt_bp.shape[1], int(max_new_tokens), s, phases)
   return fn(params, prompt_bp, prompt_mask_bp, rng)

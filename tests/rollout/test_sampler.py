@@ -197,6 +197,35 @@ def test_sharded_on_8_devices_equals_single_device(params):
   np.testing.assert_allclose(np.asarray(many.entropy_bt), np.asarray(one.entropy_bt), atol=1e-5)
 
 
+def test_cache_phases_decode_the_same_tokens(params):
+  # the loop split into phases over growing caches: same draws as one loop over the full cache (and the
+  # log-probs still those of the full forward), on one device and on 8
+  assert sampler.phase_ends(10, 3) == [4, 7, 10] and sampler.phase_ends(10, 20) == list(range(2, 11))
+  assert sampler.phase_ends(1, 4) == [1]
+  assert [sampler.auto_cache_phases(t) for t in (1, 64, 127, 128, 255, 256, 10**5)] == [1, 1, 1, 2, 3, 4, 4]
+  prompt, mask = _prompts([6, 2, 9, 4, 9, 1, 7, 3], 9, seed=7)
+  kw = dict(rng=jax.random.key(3), max_new_tokens=10, temperature=1.0, eos_ids=(5,), return_entropy=True)
+  one = rollout.generate(CFG, params, prompt, mask, cache_phases=1, **kw)
+  mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+  sharded = _scaled(models.init_params(CFG, jax.random.key(0), mesh=mesh))
+  for p in (params, sharded):
+    many = rollout.generate(CFG, p, prompt, mask, cache_phases=3, **kw)
+    np.testing.assert_array_equal(np.asarray(many.tokens_bt), np.asarray(one.tokens_bt))
+    np.testing.assert_array_equal(np.asarray(many.mask_bt), np.asarray(one.mask_bt))
+    np.testing.assert_array_equal(np.asarray(many.finished_b), np.asarray(one.finished_b))
+    np.testing.assert_allclose(np.asarray(many.logprobs_bt), np.asarray(one.logprobs_bt), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(many.entropy_bt), np.asarray(one.entropy_bt), atol=1e-5)
+  assert np.asarray(one.finished_b).any() and not np.asarray(one.finished_b).all()
+  logp = special.log_softmax(_teacher_logits(params, prompt, mask, many), axis=-1)
+  want = np.take_along_axis(logp, np.asarray(many.tokens_bt)[..., None], -1)[..., 0]
+  np.testing.assert_allclose(np.asarray(many.logprobs_bt), np.where(np.asarray(many.mask_bt), want, 0), atol=1e-4)
+  # every row stops at its first token: the later phases' loops do not run, the cache still grows
+  every = rollout.generate(CFG, params, prompt, mask, cache_phases=3, eos_ids=tuple(range(64)),
+                           **{k: v for k, v in kw.items() if k != "eos_ids"})
+  np.testing.assert_array_equal(np.asarray(every.mask_bt), np.arange(10)[None, :].repeat(8, 0) < 1)
+  np.testing.assert_array_equal(np.asarray(every.tokens_bt[:, 0]), np.asarray(one.tokens_bt[:, 0]))
+
+
 def test_prompt_lengths_in_one_bucket_compile_once(params):
   kw = dict(rng=jax.random.key(0), max_new_tokens=3, temperature=0.55)  # a config no other test compiles
   before = sampler._trace_count
@@ -231,6 +260,7 @@ def test_bucket_length():
     (dict(temperature=-1.0), "temperature=-1.0"),
     (dict(top_k=-2), "top_k=-2"),
     (dict(max_new_tokens=0), "max_new_tokens=0"),
+    (dict(cache_phases=0), "cache_phases=0 \\(expected a positive int, or None for automatic\\)"),
     (dict(eos_ids=(64,)), "eos_ids/pad_id \\[64\\] outside the vocabulary \\[0, 64\\)"),
     (dict(prompt=np.zeros((2, 4), np.int32)), "prompt_bp \\(2, 4\\) and prompt_mask_bp \\(2, 3\\)"),
     (dict(prompt=np.zeros((2, 3), np.float32)), "prompt_bp has dtype float32"),
