@@ -45,7 +45,8 @@ class PolicySpec:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
   """Sampling during training. Prompts longer than max_prompt_len are cut from the left
-  (truncate="left") or rejected (truncate="error")."""
+  (truncate="left") or rejected (truncate="error"). cache_phases: decode loops over growing KV caches
+  (`rollout.generate`; None: one per 64 new tokens, at most 4)."""
   max_prompt_len: int = 128
   max_new_tokens: int = 256
   samples_per_prompt: int = 1
@@ -53,12 +54,15 @@ class RolloutConfig:
   top_k: int = 0
   top_p: float = 1.0
   truncate: str = "left"
+  cache_phases: int | None = None
 
   def __post_init__(self):
     if self.truncate not in ("left", "error"):
       raise CotsafeError(f"RolloutConfig.truncate={self.truncate!r}, expected 'left' or 'error'")
     if self.samples_per_prompt < 1 or self.max_prompt_len < 1 or self.max_new_tokens < 1:
       raise CotsafeError("RolloutConfig: samples_per_prompt, max_prompt_len and max_new_tokens must be >= 1")
+    if self.cache_phases is not None and self.cache_phases < 1:
+      raise CotsafeError(f"RolloutConfig.cache_phases={self.cache_phases} (expected >= 1, or None for automatic)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -269,7 +273,8 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
         gen = rollout_lib.generate(cfg, state.policy, jax.device_put(prompt_bp, bt_sharding),
                                    jax.device_put(pmask_bp, bt_sharding), rng=gen_rng, max_new_tokens=t,
                                    temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p,
-                                   eos_ids=eos, pad_id=pad_id, buckets=(rollout.max_prompt_len,), mesh=mesh)
+                                   eos_ids=eos, pad_id=pad_id, buckets=(rollout.max_prompt_len,),
+                                   cache_phases=rollout.cache_phases, mesh=mesh)
         comp_bt, cmask_bt = _host(gen.tokens_bt), _host(gen.mask_bt)
       with logger.phase("score"):
         batch = Rollout(tokens_bs=jax.device_put(np.concatenate([prompt_bp, comp_bt], 1), bt_sharding),

@@ -78,6 +78,16 @@ def test_batch_sizes_must_divide(tmp_path):
                         mesh=parallel.single_device_mesh())
 
 
+@pytest.mark.parametrize("field,message", [
+    (dict(truncate="right"), "RolloutConfig.truncate='right', expected 'left' or 'error'"),
+    (dict(samples_per_prompt=0), "samples_per_prompt, max_prompt_len and max_new_tokens must be >= 1"),
+    (dict(cache_phases=0), "RolloutConfig.cache_phases=0 \\(expected >= 1, or None for automatic\\)"),
+])
+def test_rollout_config_rejects_bad_values(field, message):
+  with pytest.raises(CotsafeError, match=message):
+    T.RolloutConfig(**field)
+
+
 def test_long_prompts_cut_from_the_left_or_rejected_and_counted():
   tok = models.load_tokenizer(TOKENIZER)
   rows = [{"prompt": "short?", "kind": "benign", "id": "a"},
