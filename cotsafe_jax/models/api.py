@@ -55,7 +55,9 @@ def init_params(cfg: ModelConfig, rng: jax.Array, *, mesh: Mesh | None = None) -
   return _init_fn(cfg, mesh)(rng)
 
 
-def _attention_bias(key_valid_bs: jax.Array, q_slot_t: jax.Array, k_slot_s: jax.Array) -> jax.Array:
+def attention_bias(key_valid_bs: jax.Array, q_slot_t: jax.Array, k_slot_s: jax.Array) -> jax.Array:
+  """Additive float32 bias [B, T, S]: 0 where key slot s holds a real token at or before query slot t, else a
+  large finite negative (a fully masked padding row stays NaN-free)."""
   ok_bts = (k_slot_s[None, None, :] <= q_slot_t[None, :, None]) & key_valid_bs[:, None, :]
   return jnp.where(ok_bts, 0.0, _NEG).astype(jnp.float32)
 
@@ -71,7 +73,7 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, *,
   """Final-norm hidden states [B, T, D] in the compute dtype (what the fused log-prob op consumes)."""
   mask_bt = jnp.ones(tokens_bt.shape, bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
   slots_t = jnp.arange(tokens_bt.shape[1])
-  bias_bts = _attention_bias(mask_bt, slots_t, slots_t)
+  bias_bts = attention_bias(mask_bt, slots_t, slots_t)
   h_btd, _ = Decoder(cfg).apply({"params": params}, tokens_bt, positions_from_mask(mask_bt), bias_bts)
   return h_btd
 
@@ -139,7 +141,7 @@ def extend(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, mask_bt: jax.
   index = cache["index"]
   key_valid_bs = jax.lax.dynamic_update_slice_in_dim(cache["mask_bs"], mask_bt, index, 1)
   slots_t = index + jnp.arange(t)
-  bias_bts = _attention_bias(key_valid_bs, slots_t, jnp.arange(cache["mask_bs"].shape[1]))
+  bias_bts = attention_bias(key_valid_bs, slots_t, jnp.arange(cache["mask_bs"].shape[1]))
   positions_bt = jnp.maximum(cache["pos_b"][:, None] + jnp.cumsum(mask_bt.astype(jnp.int32), axis=1) - 1, 0)
   h_btd, (k, v) = Decoder(cfg).apply({"params": params}, tokens_bt, positions_bt, bias_bts,
                                      (cache["k"], cache["v"]), index)

@@ -17,7 +17,6 @@ from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.models import transformer
 from cotsafe_jax.parallel import mesh as mesh_lib
 
-_MASKED = -1e30  # finite like the model's own bias: a fully masked row stays NaN-free
 # {"kv": [(k [B, kv_heads, head_dim, S], v [B, kv_heads, S, head_dim]) per layer], "mask_bs": [B, S], "pos_b": [B],
 #  "index": []}
 LayerCache = dict[str, Any]
@@ -59,8 +58,7 @@ def decode_step(cfg: models.ModelConfig, dparams: dict[str, Any], token_b: jax.A
   b = token_b.shape[0]
   index = cache["index"]
   key_valid_bs = jax.lax.dynamic_update_slice_in_dim(cache["mask_bs"], jnp.ones((b, 1), bool), index, 1)
-  causal_s = jnp.arange(key_valid_bs.shape[1]) <= index
-  bias_bts = jnp.where(key_valid_bs & causal_s[None, :], 0.0, _MASKED).astype(jnp.float32)[:, None, :]
+  bias_bts = models.attention_bias(key_valid_bs, index[None], jnp.arange(key_valid_bs.shape[1]))
   cos_btd, sin_btd = transformer.rope_cos_sin(cfg, cache["pos_b"][:, None])  # new token's position
   x_btd = jnp.take(dparams["embed"], token_b[:, None], axis=0).astype(cfg.dtype)
   kv = []
@@ -85,9 +83,7 @@ def prefill(cfg: models.ModelConfig, dparams: dict[str, Any], tokens_bp: jax.Arr
   if slots < p:
     raise CotsafeError(f"decode.prefill: slots={slots} is less than the prompt length {p}")
   mask_bp = mask_bp.astype(bool)
-  slot_p = jnp.arange(p)
-  ok_bts = (slot_p[None, None, :] <= slot_p[None, :, None]) & mask_bp[:, None, :]
-  bias_bts = jnp.where(ok_bts, 0.0, _MASKED).astype(jnp.float32)
+  bias_bts = models.attention_bias(mask_bp, jnp.arange(p), jnp.arange(p))
   cos_btd, sin_btd = transformer.rope_cos_sin(cfg, models.positions_from_mask(mask_bp))
   x_btd = jnp.take(dparams["embed"], tokens_bp, axis=0).astype(cfg.dtype)
   k_shape, v_shape = models.cache_shapes(cfg, b, p)
