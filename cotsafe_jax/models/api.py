@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from cotsafe_jax.models.config import ModelConfig
-from cotsafe_jax.models.transformer import _NEG, Decoder
+from cotsafe_jax.models.transformer import Decoder, attention_bias
 from cotsafe_jax.parallel import mesh as mesh_lib
 
 Params = Any
@@ -55,13 +55,6 @@ def init_params(cfg: ModelConfig, rng: jax.Array, *, mesh: Mesh | None = None) -
   return _init_fn(cfg, mesh)(rng)
 
 
-def attention_bias(key_valid_bs: jax.Array, q_slot_t: jax.Array, k_slot_s: jax.Array) -> jax.Array:
-  """Additive float32 bias [B, T, S]: 0 where key slot s holds a real token at or before query slot t, else a
-  large finite negative (a fully masked padding row stays NaN-free)."""
-  ok_bts = (k_slot_s[None, None, :] <= q_slot_t[None, :, None]) & key_valid_bs[:, None, :]
-  return jnp.where(ok_bts, 0.0, _NEG).astype(jnp.float32)
-
-
 def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
   """0-based position of each real token; left padding gets position 0."""
   return jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=-1) - 1, 0)
@@ -73,8 +66,8 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, *,
   """Final-norm hidden states [B, T, D] in the compute dtype (what the fused log-prob op consumes)."""
   mask_bt = jnp.ones(tokens_bt.shape, bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
   slots_t = jnp.arange(tokens_bt.shape[1])
-  bias_bts = attention_bias(mask_bt, slots_t, slots_t)
-  h_btd, _ = Decoder(cfg).apply({"params": params}, tokens_bt, positions_from_mask(mask_bt), bias_bts)
+  mask = (mask_bt, slots_t, slots_t)  # MaskParts: attention builds each query block's bias itself
+  h_btd, _ = Decoder(cfg).apply({"params": params}, tokens_bt, positions_from_mask(mask_bt), mask)
   return h_btd
 
 

@@ -14,13 +14,17 @@ import jax.numpy as jnp
 from cotsafe_jax.errors import CotsafeError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+REMAT_POLICIES = ("none", "full", "save_dots")  # models.transformer.remat_policy
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Architecture of a decoder-only transformer; `dtype` is the compute dtype, `param_dtype` storage."""
+  """Architecture of a decoder-only transformer; `dtype` is the compute dtype, `param_dtype` storage.
+  `remat`: what each layer keeps for the backward pass, one of REMAT_POLICIES (True / False read as
+  "full" / "none"). `attention_block`: attention without a KV cache runs over query blocks of this many rows,
+  so the float32 scores alive at once are [block, S] per head, not [T, S]."""
   model_type: str
   vocab_size: int
   hidden_size: int
@@ -42,9 +46,16 @@ class ModelConfig:
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
   pad_token_id: int | None = None
-  remat: bool = False
+  remat: str = "none"
+  attention_block: int | None = 512  # query rows per attention block without a KV cache (None: all at once)
 
   def __post_init__(self):
+    if isinstance(self.remat, bool):
+      object.__setattr__(self, "remat", "full" if self.remat else "none")
+    if self.attention_block is not None and self.attention_block < 1:
+      raise CotsafeError(f"ModelConfig.attention_block={self.attention_block}, expected >= 1 (or None)")
+    if self.remat not in REMAT_POLICIES:
+      raise CotsafeError(f"ModelConfig.remat={self.remat!r}, expected one of {', '.join(REMAT_POLICIES)}")
     if self.model_type not in SUPPORTED_MODEL_TYPES:
       raise CotsafeError(f"unknown model_type {self.model_type!r} "
                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")

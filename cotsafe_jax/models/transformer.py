@@ -1,9 +1,13 @@
 """Flax linen decoder for Llama 3.x / Qwen2 / Qwen3: RMSNorm, RoPE (llama3 scaling), GQA, SwiGLU, KV cache.
 
-Layers are scanned (params stacked on a leading "layers" axis) so deep models compile once per layer shape.
+Layers are scanned (params stacked on a leading "layers" axis) so deep models compile once per layer shape,
+under a rematerialisation policy (`ModelConfig.remat`). Every weight names its logical axes and is gathered
+per layer over fsdp where it is used; activations carry sharding constraints (parallel.mesh, active under
+`jax.set_mesh`).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -12,14 +16,25 @@ import jax
 import jax.numpy as jnp
 
 from cotsafe_jax.models.config import ModelConfig
+from cotsafe_jax.parallel.mesh import constrain, gather_weight
 
 Array = jax.Array
 _NEG = -1e30  # finite: a fully masked (padding) query row stays NaN-free
+_BTD = ("batch", "length", "act_embed")
 
 
 def _param(mod: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
            init: Callable, dtype: Any) -> Array:
-  return mod.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+  """The param, all-gathered over fsdp for use here (its stored form stays split; see gather_weight)."""
+  return gather_weight(mod.param(name, nn.with_logical_partitioning(init, axes), shape, dtype), axes)
+
+
+def remat_policy(name: str) -> Callable | None:
+  """What a scanned layer keeps for the backward pass. "full": only its input (everything recomputed);
+  "save_dots": the outputs of its weight matmuls (dots without batch dims), elementwise work and attention
+  softmax recomputed. "none" (no remat) is handled by the caller."""
+  return {"full": jax.checkpoint_policies.nothing_saveable,
+          "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
 
 
 class RMSNorm(nn.Module):
@@ -33,7 +48,9 @@ class RMSNorm(nn.Module):
     scale = _param(self, "scale", (self.dim,), (self.axis_name,), nn.initializers.ones, self.param_dtype)
     x32 = x.astype(jnp.float32)  # float32 statistics whatever the compute dtype
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (scale.astype(jnp.float32) * y).astype(x.dtype)
+    # the scale rounded to the compute dtype first (as transformers does in bf16): float32 master params and a
+    # frozen copy stored in the compute dtype then give bit-identical outputs
+    return (scale.astype(x.dtype).astype(jnp.float32) * y).astype(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Array:
@@ -66,6 +83,52 @@ def _apply_rope(x_bthd: Array, cos_btd: Array, sin_btd: Array) -> Array:
   return (x * cos_btd[:, :, None, :] + rot * sin_btd[:, :, None, :]).astype(x_bthd.dtype)
 
 
+def attention_bias(key_valid_bs: Array, q_slot_t: Array, k_slot_s: Array) -> Array:
+  """Additive float32 bias [B, T, S]: 0 where key slot s holds a real token at or before query slot t, else a
+  large finite negative (a fully masked padding row stays NaN-free)."""
+  ok_bts = (k_slot_s[None, None, :] <= q_slot_t[None, :, None]) & key_valid_bs[:, None, :]
+  return jnp.where(ok_bts, 0.0, _NEG).astype(jnp.float32)
+
+
+# The mask of an attention with no KV cache, as its parts: (key_valid_bs [B, S] bool, q_slot_t [T], k_slot_s [S]).
+# Each query block builds its own [B, block, S] bias from it, so no [T, S] bias (nor [T, S] scores) exists.
+MaskParts = tuple[Array, Array, Array]
+
+
+def _softmax_attend(q_btgrk: Array, k_bsgk: Array, v_bsgk: Array, bias_bts: Array, dt: Any) -> Array:
+  """softmax(q k^T / sqrt(dh) + bias) v with float32 scores and softmax."""
+  scores = jnp.einsum("btgrk,bsgk->bgrts", q_btgrk, k_bsgk, preferred_element_type=jnp.float32)
+  scores = constrain(scores / math.sqrt(q_btgrk.shape[-1]) + bias_bts[:, None, None, :, :],
+                     ("batch", "act_kv_heads", None, "length", None))
+  probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # softmax in float32
+  return jnp.einsum("bgrts,bsgk->btgrk", probs, v_bsgk)
+
+
+def blocked_attention(q_btgrk: Array, k_bsgk: Array, v_bsgk: Array, mask: MaskParts, *, block: int | None,
+                      dt: Any) -> Array:
+  """Attention over query blocks of `block` rows, one after another (lax.map), each rematerialised in the
+  backward pass: the scores and bias alive at once are [B, heads, block, S], not [B, heads, T, S].
+  Row for row the same maths as one dense softmax (the blocks split queries, never keys)."""
+  key_valid_bs, q_slot_t, k_slot_s = mask
+  b, t = q_btgrk.shape[:2]
+  if block is None or t <= block:
+    return _softmax_attend(q_btgrk, k_bsgk, v_bsgk, attention_bias(key_valid_bs, q_slot_t, k_slot_s), dt)
+  n = -(-t // block)
+  pad = n * block - t  # padded query rows attend like the last slot and are dropped
+  q = jnp.pad(q_btgrk, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+  slots = jnp.pad(q_slot_t, (0, pad), mode="edge")
+  q_nbcgrk = q.reshape(b, n, block, *q.shape[2:]).swapaxes(0, 1)  # [n, B, block, G, R, dh]
+  slots_nc = slots.reshape(n, block)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def one(args):
+    q_c, slot_c = args
+    return _softmax_attend(q_c, k_bsgk, v_bsgk, attention_bias(key_valid_bs, slot_c, k_slot_s), dt)
+
+  out = jax.lax.map(one, (q_nbcgrk, slots_nc))  # [n, B, block, G, R, dh]
+  return out.swapaxes(0, 1).reshape(b, n * block, *out.shape[3:])[:, :t]
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
@@ -86,6 +149,9 @@ class Attention(nn.Module):
       return y
 
     q_bthk, k_btgk, v_btgk = proj("q", h, "heads"), proj("k", k, "kv_heads"), proj("v", k, "kv_heads")
+    q_bthk = constrain(q_bthk, ("batch", "length", "act_heads", "head_dim"))
+    k_btgk = constrain(k_btgk, ("batch", "length", "act_kv_heads", "head_dim"))
+    v_btgk = constrain(v_btgk, ("batch", "length", "act_kv_heads", "head_dim"))
     if cfg.qk_norm:
       q_bthk = RMSNorm(dh, cfg.rms_norm_eps, pdt, "head_dim", name="q_norm")(q_bthk)
       k_btgk = RMSNorm(dh, cfg.rms_norm_eps, pdt, "head_dim", name="k_norm")(k_btgk)
@@ -97,10 +163,10 @@ class Attention(nn.Module):
     q_btgrk = q_bthk.reshape(b, t, k, r, dh)  # query heads grouped by their kv head
     if kv_cache is None:
       new_cache = None
-      scores = jnp.einsum("btgrk,bsgk->bgrts", q_btgrk, k_btgk, preferred_element_type=jnp.float32)
-      scores = scores / math.sqrt(dh) + bias_bts[:, None, None, :, :]
-      probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # softmax in float32
-      out_btgrk = jnp.einsum("bgrts,bsgk->btgrk", probs, v_btgk)
+      if isinstance(bias_bts, tuple):  # MaskParts: query blocks build their own bias
+        out_btgrk = blocked_attention(q_btgrk, k_btgk, v_btgk, bias_bts, block=cfg.attention_block, dt=dt)
+      else:
+        out_btgrk = _softmax_attend(q_btgrk, k_btgk, v_btgk, bias_bts, dt)
     else:  # cache layouts (models.cache_shapes): keys [B, kv_heads, head_dim, S], values [B, kv_heads, S, head_dim]
       ck_bgks, cv_bgsk = kv_cache
       ck_bgks = jax.lax.dynamic_update_slice_in_dim(
@@ -121,7 +187,7 @@ class Attention(nn.Module):
     y_btd = jnp.einsum("bthk,hkd->btd", out_bthk, wo.astype(dt))
     if cfg.o_bias:
       y_btd = y_btd + _param(self, "o_bias", (d,), ("embed",), nn.initializers.zeros, pdt).astype(dt)
-    return y_btd, new_cache
+    return constrain(y_btd, _BTD), new_cache
 
 
 class MLP(nn.Module):
@@ -135,9 +201,9 @@ class MLP(nn.Module):
     wg = _param(self, "gate_kernel", (d, f), ("embed", "mlp"), init, pdt)
     wu = _param(self, "up_kernel", (d, f), ("embed", "mlp"), init, pdt)
     wd = _param(self, "down_kernel", (f, d), ("mlp", "embed"), init, pdt)
-    g_btf = jnp.einsum("btd,df->btf", x_btd, wg.astype(dt))
-    u_btf = jnp.einsum("btd,df->btf", x_btd, wu.astype(dt))
-    return jnp.einsum("btf,fd->btd", nn.silu(g_btf) * u_btf, wd.astype(dt))
+    g_btf = constrain(jnp.einsum("btd,df->btf", x_btd, wg.astype(dt)), ("batch", "length", "act_mlp"))
+    u_btf = constrain(jnp.einsum("btd,df->btf", x_btd, wu.astype(dt)), ("batch", "length", "act_mlp"))
+    return constrain(jnp.einsum("btf,fd->btd", nn.silu(g_btf) * u_btf, wd.astype(dt)), _BTD)
 
 
 class Block(nn.Module):
@@ -152,7 +218,7 @@ class Block(nn.Module):
     a_btd, new_kv = Attention(cfg, name="attn")(h_btd, cos_btd, sin_btd, bias_bts, kv, cache_index)
     x_btd = x_btd + a_btd
     h_btd = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype, name="post_attn_norm")(x_btd)
-    x_btd = x_btd + MLP(cfg, name="mlp")(h_btd)
+    x_btd = constrain(x_btd + MLP(cfg, name="mlp")(h_btd), _BTD)
     return x_btd, (new_kv if new_kv is not None else ())
 
 
@@ -165,7 +231,7 @@ class Decoder(nn.Module):
     self.embed = self.param("embed", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                   ("vocab", "embed")),
                             (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype)
-    block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+    block = Block if cfg.remat == "none" else nn.remat(Block, prevent_cse=False, policy=remat_policy(cfg.remat))
     self.layers = nn.scan(
         block, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
@@ -179,7 +245,11 @@ class Decoder(nn.Module):
   def __call__(self, tokens_bt: Array, positions_bt: Array, bias_bts: Array,
                cache_kv: tuple[Array, Array] | tuple = (), cache_index: Array | None = None):
     cfg = self.cfg
-    x_btd = jnp.take(self.embed, tokens_bt, axis=0).astype(cfg.dtype)
+    # the table stays split over fsdp on d_model: every device looks up all of the micro-batch's (replicated)
+    # token ids in its slice of d_model, then one all-to-all makes the rows batch-split; the gradient is a
+    # scatter-add into the local slice, so no device ever holds the whole [V, D] table or its gradient
+    tokens_bt = constrain(tokens_bt, (None, None))
+    x_btd = constrain(jnp.take(self.embed, tokens_bt, axis=0).astype(cfg.dtype), _BTD)
     cos_btd, sin_btd = rope_cos_sin(cfg, positions_bt)
     x_btd, new_cache = self.layers(x_btd, cache_kv, cos_btd, sin_btd, bias_bts, cache_index)
     return self.final_norm(x_btd), new_cache

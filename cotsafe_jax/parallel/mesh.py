@@ -1,9 +1,14 @@
 """Device mesh and the logical-axis rules table: the only place mesh axis names appear.
 
-Model code names logical axes (batch, embed, heads, ...); these rules map them to mesh axes.
+Model code names logical axes (batch, embed, heads, ...); these rules map them to mesh axes. Weights are
+stored split over fsdp (their `embed` dim) and tensor; activations are split over the batch (data x fsdp)
+and, inside attention and the MLP, over tensor. Inside a layer each weight is all-gathered over fsdp
+(`gather_weight`: FSDP proper), so no matmul ever runs on a d_model-split weight against whole-batch
+activations.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -29,13 +34,26 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("norm", None),
     ("classes", None),
+    # activations: d_model stays whole (the batch already uses fsdp); heads / mlp follow the weights' tensor split
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
 )
+
+# mesh axes a weight is all-gathered over inside a layer (FSDP): what stays is the tensor split
+_GATHERED_AXES = ("data", "fsdp")
 
 _RULES = dict(LOGICAL_AXIS_RULES)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Sequence[Any] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default: all). One of the sizes may be -1 (the rest)."""
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices: Sequence[Any] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all). One of the sizes may be -1 (the rest).
+
+  Default: every device on fsdp (params, gradients and optimizer state split over all devices, the batch too).
+  data replicates the params (pure data parallel), tensor splits heads, mlp and vocab within a layer.
+  """
   devices = list(jax.devices() if devices is None else devices)
   sizes = [data, fsdp, tensor]
   if sum(1 for s in sizes if s == -1) > 1:
@@ -64,8 +82,9 @@ def _axis_size(mesh: Mesh, mesh_axes: Any) -> int:
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,
-                    mesh: Mesh | None = None) -> P:
-  """PartitionSpec for logical axes; a dim the mesh axes do not divide is left replicated."""
+                    mesh: Mesh | None = None, *, drop: Sequence[str] = ()) -> P:
+  """PartitionSpec for logical axes; a dim the mesh axes do not divide is left replicated. Mesh axes in
+  `drop` are left out (e.g. ("data", "fsdp"): the all-gathered form of a weight)."""
   spec = []
   used: set[str] = set()
   for i, name in enumerate(logical_axes):
@@ -77,6 +96,9 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | N
     mesh_axes = _RULES[name]
     if mesh_axes is not None:
       as_tuple = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+      as_tuple = tuple(a for a in as_tuple if a not in drop)
+      mesh_axes = (None if not as_tuple else as_tuple[0] if len(as_tuple) == 1 else as_tuple)
+    if mesh_axes is not None:
       if any(a in used for a in as_tuple):
         mesh_axes = None  # a mesh axis shards at most one dim of an array
       elif mesh is not None and shape is not None and shape[i] % _axis_size(mesh, as_tuple):
@@ -106,3 +128,47 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, shape: Sequence[int] | None = None
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def _context_mesh():
+  """The mesh set by `jax.set_mesh` (what jitted steps trace under), if it has the project's axes."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or not set(MESH_AXES) <= set(mesh.axis_names):
+    return None
+  return mesh
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """`x` constrained to the sharding of its logical axes under the context mesh; a no-op without one."""
+  mesh = _context_mesh()
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
+
+
+def gather_weight(w: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """A weight all-gathered over data x fsdp (its tensor split kept) under the context mesh: FSDP's per-layer
+  gather. Its transpose reduce-scatters the gradient back onto the stored shards."""
+  mesh = _context_mesh()
+  if mesh is None:
+    return w
+  return jax.lax.with_sharding_constraint(w, logical_to_spec(logical_axes, w.shape, mesh, drop=_GATHERED_AXES))
+
+
+class OnMesh:
+  """A jitted function called, traced and lowered under `jax.set_mesh(mesh)`, so the model's sharding
+  constraints and the fused op's shard_map see the mesh; `.lower` is what the `plan` job compiles."""
+
+  def __init__(self, fn: Any, mesh: Mesh | None):
+    self.fn, self.mesh = fn, mesh
+
+  def _ctx(self):
+    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+  def __call__(self, *args, **kwargs):
+    with self._ctx():
+      return self.fn(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with self._ctx():
+      return self.fn.lower(*args, **kwargs)

@@ -50,4 +50,9 @@ def test_init_params_born_sharded(mesh):
 
 def test_mesh_errors_name_numbers():
   with pytest.raises(CotsafeError, match="data=3 x fsdp=1 x tensor=1 does not divide the"):
-    parallel.make_mesh(data=3)
+    parallel.make_mesh(data=3, fsdp=1)
+
+
+def test_default_mesh_is_fsdp_over_every_device():
+  assert dict(parallel.make_mesh().shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert dict(parallel.make_mesh(data=2).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
