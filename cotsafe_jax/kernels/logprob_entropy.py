@@ -231,15 +231,26 @@ def _backward(plan: _Plan, h_nd, w_dv, y_n, lse_n, mu_n, g_logp_n, g_ent_n):
     dh_nd, dw_dv = _local_grads(plan, h_nd, w_dv, y_n, *per_token)
     if plan.vocab_axes is not None:
       dh_nd = jax.lax.psum(dh_nd, plan.vocab_axes)
-    if plan.token_axes is not None:
+    if plan.token_axes is not None and scatter_dw:
+      # summed over the token shards and left split over them on D (as FSDP stores W): a reduce-scatter,
+      # so no device holds the summed [D, V] gradient
+      dw_dv = jax.lax.psum_scatter(dw_dv, plan.token_axes, scatter_dimension=0, tiled=True)
+    elif plan.token_axes is not None:
       dw_dv = jax.lax.psum(dw_dv, plan.token_axes)
     return dh_nd, dw_dv
 
   tok, voc = plan.token_axes, plan.vocab_axes
+  d = w_dv.shape[0]
+  scatter_dw = tok is not None and d % _axes_size(plan.mesh, tok) == 0
   return jax.shard_map(shard, mesh=plan.mesh,
                        in_specs=(P(tok, None), P(None, voc)) + (P(tok),) * 5,
-                       out_specs=(P(tok, None), P(None, voc)), check_vma=False)(
+                       out_specs=(P(tok, None), P(tok if scatter_dw else None, voc)), check_vma=False)(
                            h_nd, w_dv, y_n, lse_n, mu_n, g_logp_n, g_ent_n)
+
+
+def _axes_size(mesh, axes) -> int:
+  names = (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(mesh.shape[a] for a in names)
 
 
 @functools.lru_cache(maxsize=None)

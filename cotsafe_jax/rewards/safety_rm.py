@@ -4,6 +4,7 @@ Export layout: `backbone/` (an HF dir, with the tokenizer), `safety_head.safeten
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -68,6 +69,29 @@ def _round_up(n: int, m: int) -> int:
   return max(m, int(math.ceil(n / m)) * m)
 
 
+def param_shardings(cfg: models.ModelConfig, mesh: Mesh) -> dict:
+  """Shardings of the RM's params {"backbone": decoder, "head": token head}."""
+  return {"backbone": models.param_shardings(cfg, mesh),
+          "head": head_shardings(_HEAD, embed_dim=cfg.hidden_size, mesh=mesh)}
+
+
+def param_shapes(cfg: models.ModelConfig) -> dict:
+  head = jax.eval_shape(lambda r: init_head(_HEAD, r, embed_dim=cfg.hidden_size), jax.random.key(0))
+  return {"backbone": models.param_shapes(cfg), "head": head}
+
+
+@functools.lru_cache(maxsize=16)  # one compile per (model, mesh, chunk shape), reused across calls
+def token_probs_program(cfg: models.ModelConfig, mesh: Mesh | None, *, batch_size: int, length: int):
+  """The jitted scoring of one [batch_size, length] chunk: (params, tokens_bt, mask_bt) -> P(unsafe) [B, T].
+  What SafetyRM.token_probs calls per chunk, and what the `plan` job compiles."""
+  fn = lambda p, t, m: jax.nn.sigmoid(token_logits(cfg, p, t, m))  # noqa: E731
+  if mesh is None:
+    return jax.jit(fn)
+  rows = mesh_lib.batch_sharding(mesh, 2, (batch_size, length))
+  return mesh_lib.OnMesh(jax.jit(fn, in_shardings=(param_shardings(cfg, mesh), rows, rows), out_shardings=rows),
+                         mesh)
+
+
 class SafetyRM:
   """A SafetyScorer: per-token P(unsafe) over the completion tokens of a RewardBatch (policy tokenizer ==
   RM tokenizer) and sequence scores per part, pooled by `seq_pool` (max or mean)."""
@@ -79,7 +103,6 @@ class SafetyRM:
     self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
     self.seq_pool, self.mesh, self.length_bucket = seq_pool, mesh, length_bucket
     self.batch_size = _round_up(batch_size, self._batch_multiple())
-    self._probs = jax.jit(lambda p, t, m: jax.nn.sigmoid(token_logits(cfg, p, t, m)))
 
   def _batch_multiple(self) -> int:
     return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -89,6 +112,7 @@ class SafetyRM:
     length_bucket, so shapes (and compiles) repeat and memory stays bounded."""
     b, t = tokens_bt.shape
     bs, tp = self.batch_size, _round_up(t, self.length_bucket)
+    probs = token_probs_program(self.cfg, self.mesh, batch_size=bs, length=tp)
     out = np.zeros((b, t), np.float32)
     for start in range(0, b, bs):
       n = min(bs, b - start)
@@ -98,7 +122,7 @@ class SafetyRM:
       if self.mesh is not None:
         shard = mesh_lib.batch_sharding(self.mesh, 2, (bs, tp))
         tokens, mask = jax.device_put(tokens, shard), jax.device_put(mask, shard)
-      out[start:start + n] = np.asarray(self._probs(self.params, tokens, mask))[:n, :t]
+      out[start:start + n] = np.asarray(probs(self.params, tokens, mask))[:n, :t]
     return out
 
   def score(self, batch: RewardBatch) -> SafetyScores:

@@ -1,6 +1,6 @@
 """Pure PPO step functions: score (old / reference log-probs, entropy, values), advantages, update.
 
-Each is jitted once per shape with explicit shardings; the update donates the train state.
+train/ppo_programs.py jits each once per shape with explicit shardings (the update donates the state).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import optax
 from cotsafe_jax import kernels, models
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.models import heads
+from cotsafe_jax.parallel.mesh import constrain
 from cotsafe_jax.rl.advantages import AdvantageConfig, compute_advantages
 from cotsafe_jax.rl.controllers import AdaptiveKLConfig, LagrangianConfig
 from cotsafe_jax.rl.kl import KL_KINDS, kl_loss, token_kl
@@ -39,6 +40,8 @@ class PPOConfig:
   epochs: int = 1
   num_minibatches: int = 1
   num_microbatches: int = 1
+  microbatch_rows_per_device: int | None = None  # set: num_microbatches follows the mesh (`for_mesh`)
+  score_microbatches: int | None = None  # None: the update's micro-batch size (minibatches x microbatches)
   temperature: float = 1.0
   logprob_impl: str = "auto"
 
@@ -50,12 +53,36 @@ class PPOConfig:
     for name in ("epochs", "num_minibatches", "num_microbatches"):
       if getattr(self, name) < 1:
         raise CotsafeError(f"PPOConfig.{name}={getattr(self, name)} must be >= 1")
+    if self.microbatch_rows_per_device is not None and self.microbatch_rows_per_device < 1:
+      raise CotsafeError(f"PPOConfig.microbatch_rows_per_device={self.microbatch_rows_per_device} must be >= 1 "
+                         "(or None: num_microbatches as set)")
+    if self.score_microbatches is not None and self.score_microbatches < 1:
+      raise CotsafeError(f"PPOConfig.score_microbatches={self.score_microbatches} must be >= 1 (or None)")
     if not self.temperature > 0:
       raise CotsafeError(f"PPOConfig.temperature={self.temperature} must be > 0 (the sampling temperature)")
 
   @property
   def uses_critic(self) -> bool:
     return self.advantage.estimator == "gae"
+
+  def for_mesh(self, *, rows: int, shards: int) -> "PPOConfig":
+    """This config for `rows` rollout rows per step over `shards` data x fsdp devices: with
+    microbatch_rows_per_device set, num_microbatches = minibatch rows / (shards x rows per device), so one
+    gin file is valid for any device count that divides the minibatch."""
+    if self.microbatch_rows_per_device is None:
+      return self
+    per = self.microbatch_rows_per_device
+    mb = rows // self.num_minibatches
+    if rows % self.num_minibatches or mb % (per * shards):
+      raise CotsafeError(f"PPOConfig.microbatch_rows_per_device={per}: a minibatch of {rows} / "
+                         f"{self.num_minibatches} rows does not split into micro-batches of {per} row(s) on each "
+                         f"of {shards} data x fsdp devices (expected minibatch rows a multiple of {per * shards})")
+    return dataclasses.replace(self, num_microbatches=mb // (per * shards))
+
+  @property
+  def score_chunks(self) -> int:
+    """Micro-batches the score step runs the rollout batch in."""
+    return self.score_microbatches or self.num_minibatches * self.num_microbatches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,13 +95,14 @@ def completion_logprobs(cfg: models.ModelConfig, params: Any, tokens_bs: jax.Arr
                         num_completion: int, temperature: float = 1.0,
                         impl: str = "auto") -> tuple[jax.Array, jax.Array]:
   """log pi(y_t | ...) and the entropy of each next-token distribution, for the last `num_completion`
-  tokens, through the fused op: the [T, V] logits are never built."""
+  tokens, through the fused op: the [T, V] logits are never built. The unembedding enters in the compute
+  dtype, like every other weight (a float32 master copy and a compute-dtype frozen copy agree exactly)."""
   h_bsd = models.hidden_states(cfg, params, tokens_bs, attention_mask_bt=mask_bs)
   s = tokens_bs.shape[1]
   h_btd = h_bsd[:, s - num_completion - 1:s - 1]  # the state before each completion token
   targets_bt = tokens_bs[:, s - num_completion:]
-  return kernels.logprob_entropy(h_btd, models.unembedding(cfg, params), targets_bt, temperature=temperature,
-                                 impl=impl)
+  w_dv = models.unembedding(cfg, params).astype(cfg.dtype)
+  return kernels.logprob_entropy(h_btd, w_dv, targets_bt, temperature=temperature, impl=impl)
 
 
 def critic_values(cfg: models.ModelConfig, params: Any, tokens_bs: jax.Array, mask_bs: jax.Array, *,
@@ -85,16 +113,60 @@ def critic_values(cfg: models.ModelConfig, params: Any, tokens_bs: jax.Array, ma
   return heads.apply_head(heads.ValueHead(), params["head"], h_bsd[:, s - num_completion - 1:s - 1])
 
 
+def critic_config(cfg: models.ModelConfig) -> models.ModelConfig:
+  """The critic's backbone: the model without its unembedding (a value head reads the hidden states), so the
+  critic and its optimizer state carry no [D, V] matrix. Its params are `critic_backbone(decoder params)`."""
+  return cfg.replace(tie_word_embeddings=True)
+
+
+def critic_backbone(params: Any) -> Any:
+  return {k: v for k, v in params.items() if k != "lm_head"}
+
+
 def init_critic(cfg: models.ModelConfig, backbone: Any, rng: jax.Array, *, mesh=None) -> dict[str, Any]:
+  """A zero-initialised value head on `backbone` (decoder params of `critic_config(cfg)`)."""
   head = heads.init_head(heads.ValueHead(), rng, embed_dim=cfg.hidden_size, mesh=mesh)
-  return {"backbone": backbone, "head": head}
+  return {"backbone": critic_backbone(backbone), "head": head}
 
 
-def make_score_step(policy_cfg: models.ModelConfig, critic_cfg: models.ModelConfig | None, ppo: PPOConfig,
-                    *, num_completion: int) -> Callable:
-  """(policy, reference, critic, rollout) -> dict of old_logp_bt, ref_logp_bt, entropy_bt, values_bt."""
-  def score(policy, reference, critic, rollout: Rollout):
-    kw = dict(num_completion=num_completion, temperature=ppo.temperature, impl=ppo.logprob_impl)
+def critic_shapes(cfg: models.ModelConfig) -> dict[str, Any]:
+  """ShapeDtypeStructs of the critic's params (backbone + value head)."""
+  head = jax.eval_shape(lambda r: heads.init_head(heads.ValueHead(), r, embed_dim=cfg.hidden_size),
+                        jax.random.key(0))
+  return {"backbone": models.param_shapes(cfg), "head": head}
+
+
+def critic_shardings(cfg: models.ModelConfig, mesh) -> dict[str, Any]:
+  return {"backbone": models.param_shardings(cfg, mesh),
+          "head": heads.head_shardings(heads.ValueHead(), embed_dim=cfg.hidden_size, mesh=mesh)}
+
+
+def microbatches(x: jax.Array, m: int) -> jax.Array:
+  """[B, ...] -> [m, B / m, ...]; row j of microbatch i is row j*m + i, so every microbatch spreads over all
+  batch shards."""
+  return x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
+
+
+def unmicrobatch(x: jax.Array) -> jax.Array:
+  """The inverse of `microbatches`: [m, B / m, ...] -> [B, ...]."""
+  return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _constrain_rows(tree: Any) -> Any:
+  """Every [rows, ...] leaf split over the batch axes of the context mesh (a micro-batch inside a loop)."""
+  return jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), tree)
+
+
+def score_fn(policy_cfg: models.ModelConfig, critic_cfg: models.ModelConfig | None, ppo: PPOConfig, *,
+             num_completion: int, num_chunks: int = 1) -> Callable:
+  """(policy, reference, critic, rollout) -> dict of old_logp_bt, ref_logp_bt, entropy_bt, values_bt.
+
+  The rollout is scored in `num_chunks` micro-batches one after another (lax.map), so the forward passes'
+  activations are those of one micro-batch, not of the whole rollout batch."""
+  kw = dict(num_completion=num_completion, temperature=ppo.temperature, impl=ppo.logprob_impl)
+
+  def one(policy, reference, critic, rollout: Rollout):
+    rollout = _constrain_rows(rollout)
     logp_bt, ent_bt = completion_logprobs(policy_cfg, policy, rollout.tokens_bs, rollout.mask_bs, **kw)
     ref_bt, _ = completion_logprobs(policy_cfg, jax.lax.stop_gradient(reference), rollout.tokens_bs,
                                     rollout.mask_bs, **kw)  # frozen: no optimizer state
@@ -106,10 +178,17 @@ def make_score_step(policy_cfg: models.ModelConfig, critic_cfg: models.ModelConf
     else:
       out["values_bt"] = jnp.zeros_like(logp_bt)
     return out
-  return jax.jit(score)
+
+  def score(policy, reference, critic, rollout: Rollout):
+    if num_chunks == 1:
+      return one(policy, reference, critic, rollout)
+    chunks = jax.tree.map(lambda x: microbatches(x, num_chunks), rollout)
+    out = jax.lax.map(lambda r: one(policy, reference, critic, r), chunks)
+    return _constrain_rows(jax.tree.map(unmicrobatch, out))
+  return score
 
 
-def make_advantage_step(ppo: PPOConfig) -> Callable:
+def advantage_fn(ppo: PPOConfig) -> Callable:
   """(rewards_bt, mask_bt, values_bt, old_logp_bt, ref_logp_bt, kl_coef, lagrange_cost_bt, lam)
   -> (advantages_bt, returns_bt, final rewards_bt, kl_bt)."""
   def step(rewards_bt, mask_bt, values_bt, old_logp_bt, ref_logp_bt, kl_coef, cost_bt, lam):
@@ -122,20 +201,16 @@ def make_advantage_step(ppo: PPOConfig) -> Callable:
     adv_bt, ret_bt = compute_advantages(ppo.advantage, rewards_bt=r_bt, mask_bt=m_bt,
                                         values_bt=values_bt if ppo.uses_critic else None)
     return adv_bt * m_bt, ret_bt * m_bt, r_bt, kl_bt
-  return jax.jit(step)
+  return step
 
 
-def _microbatches(x: jax.Array, m: int) -> jax.Array:
-  # row j of microbatch i is row j*m + i: every microbatch spreads over all batch shards
-  return x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
-
-
-def make_update_step(policy_cfg: models.ModelConfig, critic_cfg: models.ModelConfig | None, ppo: PPOConfig,
-                     policy_tx: optax.GradientTransformation, critic_tx: optax.GradientTransformation | None,
-                     *, num_completion: int, state_shardings: Any = None, batch_shardings: Any = None) -> Callable:
+def update_fn(policy_cfg: models.ModelConfig, critic_cfg: models.ModelConfig | None, ppo: PPOConfig,
+              policy_tx: optax.GradientTransformation, critic_tx: optax.GradientTransformation | None,
+              *, num_completion: int, grad_shardings: Any = None) -> Callable:
   """(state, minibatch, kl_coef) -> (state, metrics). Gradients accumulate over microbatches; losses are
   normalised by the minibatch's global token / sequence counts, so the sum over microbatches is the
-  minibatch loss whatever the split or the data-parallel size."""
+  minibatch loss whatever the split or the data-parallel size. `grad_shardings` (a (policy, critic) pair of
+  sharding trees) keeps the float32 gradient accumulators split like the params."""
   kw = dict(num_completion=num_completion)
 
   def policy_loss(params, mb: ScoredRollout, counts, kl_coef):
@@ -157,27 +232,35 @@ def make_update_step(policy_cfg: models.ModelConfig, critic_cfg: models.ModelCon
     return ppo.value_loss(values_bt=values_bt, old_values_bt=mb.old_values_bt, returns_bt=mb.returns_bt,
                           mask_bt=mb.completion_mask_bt, **counts)
 
+  def split_like_params(tree, shardings):
+    return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
+
+  def zeros(tree, shardings):
+    return split_like_params(jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree), shardings)
+
   def update(state: TrainState, mb: ScoredRollout, kl_coef):
     mask = mb.completion_mask_bt.astype(jnp.float32)
     counts = {"num_tokens": jnp.maximum(mask.sum(), 1.0), "num_seqs": jnp.maximum((mask.sum(1) > 0).sum(), 1)}
-    micro = jax.tree.map(lambda x: _microbatches(x, ppo.num_microbatches), mb)
+    micro = jax.tree.map(lambda x: microbatches(x, ppo.num_microbatches), mb)
     use_critic = state.critic is not None
+    pol_sh, cri_sh = grad_shardings if grad_shardings is not None else (None, None)
 
     def body(carry, one: ScoredRollout):
       g_pol, g_cri = carry
-      if batch_shardings is not None:
-        one = jax.lax.with_sharding_constraint(one, batch_shardings)
+      one = _constrain_rows(one)
       (_, met), g = jax.value_and_grad(policy_loss, has_aux=True)(state.policy, one, counts, kl_coef)
-      g_pol = jax.tree.map(jnp.add, g_pol, g)
+      # the accumulators stay split like the params in the loop. The barrier keeps XLA from moving the
+      # gradients' reduce-scatters out of the loop (one collective at the end, but whole-size accumulators)
+      g = jax.lax.optimization_barrier(g)
+      g_pol = split_like_params(jax.tree.map(jnp.add, g_pol, g), pol_sh)
       met = dict(met)
       if use_critic:
         (_, m_val), gc = jax.value_and_grad(value_loss, has_aux=True)(state.critic, one, counts)
-        g_cri = jax.tree.map(jnp.add, g_cri, gc)
+        g_cri = split_like_params(jax.tree.map(jnp.add, g_cri, jax.lax.optimization_barrier(gc)), cri_sh)
         met.update({k: v for k, v in m_val.items() if k != "explained_variance"})  # not additive
       return (g_pol, g_cri), met
 
-    zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), t)  # noqa: E731
-    init = (zeros(state.policy), zeros(state.critic) if use_critic else None)
+    init = (zeros(state.policy, pol_sh), zeros(state.critic, cri_sh) if use_critic else None)
     (g_pol, g_cri), per_micro = jax.lax.scan(body, init, micro)
     # every metric is normalised by the minibatch's global counts: the sum over microbatches is its value
     metrics = jax.tree.map(lambda x: x.sum(0), per_micro)
@@ -192,10 +275,7 @@ def make_update_step(policy_cfg: models.ModelConfig, critic_cfg: models.ModelCon
     new = state.replace(policy=policy, policy_opt=policy_opt, critic=critic, critic_opt=critic_opt)
     return new, metrics
 
-  if state_shardings is None:
-    return jax.jit(update, donate_argnums=(0,))
-  return jax.jit(update, in_shardings=(state_shardings, batch_shardings, None),
-                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+  return update
 
 
 def rollout_metrics(scored: dict[str, jax.Array], returns_bt: jax.Array, mask_bt: jax.Array) -> dict[str, Any]:

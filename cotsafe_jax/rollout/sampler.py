@@ -214,8 +214,22 @@ def _compiled(cfg: models.ModelConfig, mesh: Mesh | None, batch: int, prompt_len
     return jax.jit(core)
   rows = mesh_lib.batch_sharding(mesh, 2, (batch, prompt_len))
   out_rows = mesh_lib.batch_sharding(mesh, 1, (batch,))  # prefix for every [B, ...] output
-  return jax.jit(core, in_shardings=(models.param_shardings(cfg, mesh), rows, rows, mesh_lib.replicated(mesh)),
-                 out_shardings=out_rows)
+  # traced under the mesh: the model's per-layer weight gathers and activation constraints apply
+  return mesh_lib.OnMesh(jax.jit(core, in_shardings=(models.param_shardings(cfg, mesh), rows, rows,
+                                                     mesh_lib.replicated(mesh)), out_shardings=out_rows), mesh)
+
+
+def generate_program(cfg: models.ModelConfig, mesh: Mesh | None, *, batch: int, prompt_len: int,
+                     max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                     eos_ids: Sequence[int] = (), pad_id: int = 0, return_entropy: bool = False,
+                     cache_phases: int | None = None) -> Any:
+  """The jitted sampler `generate` runs for a [batch, prompt_len] bucket: call it as (params, prompt_bp,
+  mask_bp, rng) or `.lower(...)` it over abstract arguments (the `plan` job compiles it for a target)."""
+  phases = auto_cache_phases(max_new_tokens) if cache_phases is None else cache_phases
+  s = _Sampling(float(temperature), int(top_k), float(top_p), tuple(int(e) for e in eos_ids), int(pad_id),
+                bool(return_entropy))
+  return _compiled(cfg, mesh, batch, prompt_len, int(max_new_tokens), s,
+                   len(phase_ends(int(max_new_tokens), phases)))
 
 
 def _mesh_of(params: Any) -> Mesh | None:

@@ -78,3 +78,12 @@ def with_compute_dtype(loss_fn: Callable[..., Any], *, dtype=jnp.bfloat16) -> Ca
   def wrapped(params, *args, **kwargs):
     return loss_fn(cast_floating(params, dtype=dtype), *args, **kwargs)
   return wrapped
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, param_shapes: Any, param_shardings: Any,
+                        replicated: Any) -> Any:
+  """Shardings of `tx`'s state for params of `param_shapes`: every moment split like its param, the rest
+  (step counts) `replicated`. Used as out_shardings of the state's init, so the state is born sharded."""
+  opt_shapes = jax.eval_shape(tx.init, param_shapes)
+  return optax.tree_map_params(tx, lambda _, s: s, opt_shapes, param_shardings,
+                               transform_non_params=lambda _: replicated)

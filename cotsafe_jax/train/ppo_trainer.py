@@ -19,27 +19,39 @@ from cotsafe_jax.data import pipeline as pipeline_lib, sources
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.rewards.base import RewardBatch, RewardFn
 from cotsafe_jax.rl import controllers, ppo as ppo_lib
+from cotsafe_jax.train import ppo_programs
 from cotsafe_jax.train.checkpointing import Checkpointer
 from cotsafe_jax.train.logging import MetricLogger
 from cotsafe_jax.train.optim import make_optimizer
-from cotsafe_jax.types import Rollout, ScoredRollout, TrainState
+from cotsafe_jax.types import Rollout, ScoredRollout
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PolicySpec:
-  """Where the policy comes from: a local HF dir, or a random init of `config` (smoke runs)."""
+  """Where the policy comes from: a local HF dir, or a random init of `config` (smoke runs).
+  remat: what each layer keeps for the backward pass of the policy and critic updates
+  (models.REMAT_POLICIES: "none", "full", "save_dots"; None: the config's)."""
   hf_dir: str | None = None
   config: models.ModelConfig | None = None
   tokenizer_dir: str | None = None
   param_dtype: str = "float32"
   compute_dtype: str | None = None  # e.g. "bfloat16": bf16 compute over float32 master params
+  remat: str | None = None
   seed: int = 0
 
   def __post_init__(self):
     if (self.hf_dir is None) == (self.config is None):
       raise CotsafeError("PolicySpec: set exactly one of hf_dir (a local HF checkpoint) or config")
-    if self.tokenizer_dir is None and self.hf_dir is None:
-      raise CotsafeError("PolicySpec: a random-init policy needs tokenizer_dir")
+    if self.remat is not None and self.remat not in models.REMAT_POLICIES:
+      raise CotsafeError(f"PolicySpec.remat={self.remat!r}, expected one of {', '.join(models.REMAT_POLICIES)} "
+                         "(or None: the model config's)")
+
+  def model_config(self) -> models.ModelConfig:
+    """The policy's architecture with this spec's dtypes and remat (config.json only: no weights read)."""
+    cfg = self.config if self.config is not None else models.ModelConfig.from_hf(self.hf_dir)
+    compute = jnp.dtype(self.compute_dtype or self.param_dtype)
+    return cfg.replace(param_dtype=jnp.dtype(self.param_dtype), dtype=compute,
+                       remat=self.remat if self.remat is not None else cfg.remat)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -108,12 +120,14 @@ class _StopFlag:
 
 
 def load_policy(spec: PolicySpec, mesh) -> tuple[models.ModelConfig, Any, Any]:
-  dtype = jnp.dtype(spec.param_dtype)
-  compute = jnp.dtype(spec.compute_dtype or spec.param_dtype)
+  """(config, params born sharded on `mesh`, tokenizer)."""
+  if spec.tokenizer_dir is None and spec.hf_dir is None:
+    raise CotsafeError("PolicySpec: a random-init policy (PolicySpec.config) needs PolicySpec.tokenizer_dir")
+  cfg = spec.model_config()
   if spec.hf_dir is not None:
-    cfg, params = models.load_hf(spec.hf_dir, dtype=dtype, mesh=mesh, compute_dtype=compute)
+    loaded, params = models.load_hf(spec.hf_dir, dtype=cfg.param_dtype, mesh=mesh, compute_dtype=cfg.dtype)
+    cfg = loaded.replace(remat=cfg.remat)
   else:
-    cfg = spec.config.replace(param_dtype=dtype, dtype=compute)
     params = models.init_params(cfg, jax.random.PRNGKey(spec.seed), mesh=mesh)
   tok = models.load_tokenizer(spec.tokenizer_dir or spec.hf_dir, model_vocab_size=cfg.vocab_size)
   return cfg, params, tok
@@ -153,17 +167,10 @@ def encode_prompts(tokenizer: Any, rows: Sequence[Mapping[str, Any]], *, max_pro
 def check_batch_sizes(*, prompts_per_step: int, samples_per_prompt: int, ppo: ppo_lib.PPOConfig, mesh) -> int:
   """Rows per step; every split must divide: devices, minibatches, microbatches. Errors name the numbers."""
   rows = prompts_per_step * samples_per_prompt
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  mb = rows // ppo.num_minibatches
   if rows % ppo.num_minibatches:
     raise CotsafeError(f"batch: {prompts_per_step} prompts x {samples_per_prompt} samples = {rows} rows do not "
                        f"divide into num_minibatches={ppo.num_minibatches}")
-  if mb % ppo.num_microbatches:
-    raise CotsafeError(f"batch: minibatch of {mb} rows does not divide into num_microbatches="
-                       f"{ppo.num_microbatches}")
-  if (mb // ppo.num_microbatches) % shards or rows % shards:
-    raise CotsafeError(f"batch: microbatch of {mb // ppo.num_microbatches} rows (of {rows} per step) does not "
-                       f"divide over the {shards} data x fsdp devices of the mesh {dict(mesh.shape)}")
+  ppo_programs.check_batch_sizes(rows=rows, ppo=ppo, mesh=mesh)
   if ppo.advantage.estimator in ("grpo", "rloo") and ppo.advantage.group_size != samples_per_prompt:
     raise CotsafeError(f"PPO: advantage.group_size={ppo.advantage.group_size} must equal "
                        f"samples_per_prompt={samples_per_prompt} for {ppo.advantage.estimator}")
@@ -176,17 +183,6 @@ def _user_text(row: Mapping[str, Any]) -> str:
     users = [m["content"] for m in row["messages"] if m.get("role") == "user"]
     return users[-1] if users else row["messages"][-1]["content"]
   return row["prompt"]
-
-
-def _on_mesh(tree: Any, mesh) -> Any:
-  """Leaves not placed on the mesh (scalars such as an optimizer's step count, the rng) become replicated on
-  it, so every step sees the same input shardings and nothing recompiles."""
-  rep = parallel.replicated(mesh)
-
-  def one(x):
-    s = x.sharding
-    return x if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else jax.device_put(x, rep)
-  return jax.tree.map(one, tree)
 
 
 def _host(x) -> np.ndarray:
@@ -206,6 +202,8 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
   step_callback(step, policy_cfg, params, tokenizer) -> dict of extra metrics, called after each step.
   """
   mesh = mesh if mesh is not None else parallel.make_mesh()
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  ppo = ppo.for_mesh(rows=prompts_per_step * rollout.samples_per_prompt, shards=shards)
   cfg, params, tok = load_policy(policy, mesh)
   pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
   eos = stop_ids(tok, cfg)
@@ -213,27 +211,28 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
                                     ppo=ppo, mesh=mesh)
   loaded = sources.load_prompts(prompts, columns=prompt_columns, on_bad_row=on_bad_row)
   data_it = pipeline_lib.make_pipeline(loaded.rows, batch_size=prompts_per_step, seed=seed, mixture=mixture)
-  reference = jax.tree.map(jnp.copy, params)  # frozen initial policy
 
-  critic = critic_cfg = None
+  critic_cfg = backbone = None
   if ppo.uses_critic:
+    critic_cfg = cfg
     if critic_hf_dir:
       critic_cfg, backbone = models.load_hf(critic_hf_dir, dtype=cfg.param_dtype, mesh=mesh,
                                             compute_dtype=cfg.dtype)
-    else:
-      critic_cfg, backbone = cfg, jax.tree.map(jnp.copy, params)
-    critic = ppo_lib.init_critic(critic_cfg, backbone, jax.random.PRNGKey(seed + 1), mesh=mesh)
+      critic_cfg = critic_cfg.replace(remat=cfg.remat)
   updates_per_step = ppo.epochs * ppo.num_minibatches
   policy_tx = optim.make(num_steps * updates_per_step)
-  critic_tx = (critic_optim or optim).make(num_steps * updates_per_step) if critic is not None else None
-  state = TrainState(
-      step=jnp.zeros((), jnp.int32), policy=params, policy_opt=jax.jit(policy_tx.init)(params),
-      critic=critic, critic_opt=jax.jit(critic_tx.init)(critic) if critic is not None else None,
-      rng=jax.random.PRNGKey(seed),
-      kl=controllers.init_kl_controller(ppo.adaptive_kl) if ppo.adaptive_kl else None,
-      lagrangian=controllers.init_lagrangian(ppo.lagrangian) if ppo.lagrangian else None)
-  replicated = parallel.replicated(mesh)
-  state = _on_mesh(state, mesh)
+  critic_tx = (critic_optim or optim).make(num_steps * updates_per_step) if critic_cfg is not None else None
+  t = rollout.max_new_tokens
+  programs = ppo_programs.PPOPrograms(
+      policy_cfg=cfg, critic_cfg=critic_cfg, ppo=ppo, policy_tx=policy_tx, critic_tx=critic_tx, mesh=mesh,
+      rows=rows_per_step, prompt_len=rollout.max_prompt_len, completion_len=t,
+      sampling=ppo_programs.Sampling(temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p,
+                                     cache_phases=rollout.cache_phases, eos_ids=eos, pad_id=pad_id))
+  # frozen initial policy, in the compute dtype; then the train state, born sharded (the params are donated to it)
+  reference = programs.reference(params)
+  state = programs.init_state(params, backbone, jnp.int32(seed))
+  del params, backbone
+  replicated = programs.replicated
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=save_interval_steps,
                       max_to_keep=max_to_keep, async_save=async_checkpoint)
@@ -243,15 +242,9 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
     state, data_state, extra = ckpt.restore(start, state)
     data_it.set_state(data_state)
   start = start or 0
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
   bt_sharding = parallel.batch_sharding(mesh, 2)
-  t = rollout.max_new_tokens
-  batch_shardings = ScoredRollout(*(bt_sharding,) * 8)
-  take_rows = jax.jit(lambda d, idx: jax.tree.map(lambda x: x[idx], d), out_shardings=batch_shardings)
-  score_step = ppo_lib.make_score_step(cfg, critic_cfg, ppo, num_completion=t)
-  advantage_step = ppo_lib.make_advantage_step(ppo)
-  update_step = ppo_lib.make_update_step(cfg, critic_cfg, ppo, policy_tx, critic_tx, num_completion=t,
-                                         state_shardings=state_shardings, batch_shardings=batch_shardings)
+  score_step, advantage_step, update_step = programs.score, programs.advantage, programs.update
+  take_rows = programs.take_rows
 
   logger = MetricLogger(workdir, total_steps=num_steps, resume_step=start if start else None,
                         postfix_keys=("reward/mean", "kl/mean"), desc="ppo")

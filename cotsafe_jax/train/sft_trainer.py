@@ -28,7 +28,7 @@ from cotsafe_jax.models.tokenizer import THINK_OPEN
 from cotsafe_jax.parallel import mesh as mesh_lib
 from cotsafe_jax.train.checkpointing import Checkpointer
 from cotsafe_jax.train.logging import MetricLogger
-from cotsafe_jax.train.optim import SCHEDULES, make_optimizer, make_schedule
+from cotsafe_jax.train.optim import SCHEDULES, make_optimizer, make_schedule, opt_state_shardings
 
 TRUNCATE = ("right", "error")
 # argmax(z) == y iff softmax(z / T)_y -> 1 as T -> 0: token accuracy from the fused op, no [T, V] logits
@@ -53,14 +53,19 @@ class SFTConfig:
   weight_decay: float = 0.0
   max_grad_norm: float | None = 1.0
   num_microbatches: int = 1
+  microbatch_rows_per_device: int | None = None  # set: num_microbatches follows the mesh (`for_mesh`)
   seed: int = 0
   compute_dtype: str | None = None
-  remat: bool = False
+  remat: str = "none"  # models.REMAT_POLICIES; "none" keeps the model config's (True / False read as full / none)
   truncate: str = "right"
   log_every: int = 1
   logprob_impl: str = "auto"
 
   def __post_init__(self):
+    if isinstance(self.remat, bool):
+      object.__setattr__(self, "remat", "full" if self.remat else "none")
+    if self.remat not in models.REMAT_POLICIES:
+      raise CotsafeError(f"SFTConfig.remat={self.remat!r}, expected one of {', '.join(models.REMAT_POLICIES)}")
     if (self.num_steps is None) == (self.num_epochs is None):
       raise CotsafeError(f"SFTConfig: num_steps={self.num_steps}, num_epochs={self.num_epochs}, expected exactly "
                          "one of them")
@@ -73,6 +78,9 @@ class SFTConfig:
     if self.batch_size % self.num_microbatches:
       raise CotsafeError(f"SFTConfig: batch_size={self.batch_size} is not a multiple of num_microbatches="
                          f"{self.num_microbatches}")
+    if self.microbatch_rows_per_device is not None and self.microbatch_rows_per_device < 1:
+      raise CotsafeError(f"SFTConfig.microbatch_rows_per_device={self.microbatch_rows_per_device}, expected >= 1 "
+                         "(or None: num_microbatches as set)")
     if self.truncate not in TRUNCATE:
       raise CotsafeError(f"SFTConfig.truncate={self.truncate!r}, expected one of {', '.join(TRUNCATE)}")
     if self.schedule not in SCHEDULES:
@@ -80,6 +88,18 @@ class SFTConfig:
     if self.logprob_impl not in kernels.IMPLS:
       raise CotsafeError(f"SFTConfig.logprob_impl={self.logprob_impl!r}, expected one of "
                          f"{', '.join(kernels.IMPLS)}")
+
+
+  def for_mesh(self, shards: int) -> "SFTConfig":
+    """With microbatch_rows_per_device set: num_microbatches = batch_size / (shards x rows per device)."""
+    if self.microbatch_rows_per_device is None:
+      return self
+    per = self.microbatch_rows_per_device
+    if self.batch_size % (per * shards):
+      raise CotsafeError(f"SFTConfig.microbatch_rows_per_device={per}: batch_size={self.batch_size} does not split "
+                         f"into micro-batches of {per} row(s) on each of {shards} data x fsdp devices (expected a "
+                         f"multiple of {per * shards})")
+    return dataclasses.replace(self, num_microbatches=self.batch_size // (per * shards))
 
 
 # ---- rows -> token rows with a target mask ------------------------------------------------------------
@@ -225,18 +245,23 @@ def _microbatches(x: jax.Array, m: int) -> jax.Array:
   return x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
 
 
-def _optimizer(sft: SFTConfig, total_steps: int) -> optax.GradientTransformation:
+def make_sft_optimizer(sft: SFTConfig, total_steps: int) -> optax.GradientTransformation:
   return make_optimizer(learning_rate=sft.learning_rate, schedule=sft.schedule, warmup_steps=sft.warmup_steps,
                         total_steps=total_steps, weight_decay=sft.weight_decay, max_grad_norm=sft.max_grad_norm,
                         min_lr_ratio=sft.min_lr_ratio)
 
 
+def check_batch_size(sft: SFTConfig, mesh: Mesh) -> None:
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  if (sft.batch_size // sft.num_microbatches) % dp:
+    raise CotsafeError(f"sft_train: batch_size / num_microbatches = {sft.batch_size} / "
+                       f"{sft.num_microbatches} is not a multiple of the mesh's data x fsdp = {dp}")
+
+
 def state_shardings(cfg: models.ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh) -> dict:
   """Shardings of {step, params, opt_state}: optimizer moments sharded like their params."""
   params = models.param_shardings(cfg, mesh)
-  opt_shapes = jax.eval_shape(optimizer.init, models.param_shapes(cfg))
-  opt = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, params,
-                              transform_non_params=lambda _: mesh_lib.replicated(mesh))
+  opt = opt_state_shardings(optimizer, models.param_shapes(cfg), params, mesh_lib.replicated(mesh))
   return {"step": mesh_lib.replicated(mesh), "params": params, "opt_state": opt}
 
 
@@ -252,7 +277,7 @@ def make_train_step(cfg: models.ModelConfig, sft: SFTConfig, *, total_steps: int
   The loss of every microbatch is divided by the global batch's target count, so the summed gradients are
   the full batch's token-mean gradient whatever the microbatch split or the data-parallel size.
   """
-  optimizer = _optimizer(sft, total_steps)
+  optimizer = make_sft_optimizer(sft, total_steps)
   shardings = state_shardings(cfg, optimizer, mesh)
   batch_shardings = _batch_shardings(mesh, (sft.batch_size, sft.max_len))
   micro_shardings = _batch_shardings(mesh, (sft.batch_size // sft.num_microbatches, sft.max_len))
@@ -265,9 +290,11 @@ def make_train_step(cfg: models.ModelConfig, sft: SFTConfig, *, total_steps: int
       mb = jax.lax.with_sharding_constraint(mb, micro_shardings)
       (_, metrics), g = jax.value_and_grad(sft_loss, argnums=1, has_aux=True)(
           cfg, state["params"], mb, num_targets=num_targets, mesh=mesh, impl=sft.logprob_impl)
-      return jax.tree.map(jnp.add, grads, g), metrics
+      # the accumulators stay split like the params inside the loop too
+      return jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, grads, g), shardings["params"]), metrics
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
+    zeros = jax.lax.with_sharding_constraint(  # float32 gradient accumulators split like the params
+        jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"]), shardings["params"])
     grads, per_micro = jax.lax.scan(body, zeros, micro)
     metrics = jax.tree.map(lambda x: x.sum(0), per_micro)
     metrics["grad_norm"] = optax.global_norm(grads)
@@ -276,8 +303,8 @@ def make_train_step(cfg: models.ModelConfig, sft: SFTConfig, *, total_steps: int
     params = optax.apply_updates(state["params"], updates)
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
-  return jax.jit(step, in_shardings=(shardings, batch_shardings), out_shardings=(shardings, None),
-                 donate_argnums=(0,))
+  return mesh_lib.OnMesh(jax.jit(step, in_shardings=(shardings, batch_shardings), out_shardings=(shardings, None),
+                                 donate_argnums=(0,)), mesh)
 
 
 # ---- the run ------------------------------------------------------------------------------------------
@@ -327,7 +354,7 @@ def _model_source(model: models.ModelConfig | None, hf_dir: str | None, init_fro
   cfg = model if model is not None else models.ModelConfig.from_hf(hf_dir or init_from)
   compute = jnp.dtype(sft.compute_dtype) if sft.compute_dtype else cfg.dtype
   # float32 master params and AdamW moments: bf16 updates would round small steps away
-  return cfg.replace(param_dtype=jnp.float32, dtype=compute, remat=cfg.remat or sft.remat)
+  return cfg.replace(param_dtype=jnp.float32, dtype=compute, remat=sft.remat if sft.remat != "none" else cfg.remat)
 
 
 def _initial_params(cfg: models.ModelConfig, *, hf_dir: str | None, init_from: str | None, seed: int,
@@ -348,12 +375,13 @@ def _initial_params(cfg: models.ModelConfig, *, hf_dir: str | None, init_from: s
 
 def _check_resume(saved: Mapping[str, Any], sft: SFTConfig, where: str) -> None:
   now = dataclasses.asdict(sft)
-  free = ("num_steps", "num_epochs", "log_every")  # a run may be extended or logged differently
+  # a run may be extended, logged differently, or resumed on another mesh (micro-batching changes no maths)
+  free = ("num_steps", "num_epochs", "log_every", "num_microbatches")
   changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k not in free and k in saved and saved[k] != now[k]]
   if changed:
     raise CotsafeError(f"{where}: the checkpoint was written with a different SFTConfig ({'; '.join(changed)}), "
-                       "expected the same config to resume (only num_steps, num_epochs, log_every may change), "
-                       "or a new workdir")
+                       "expected the same config to resume (only num_steps, num_epochs, log_every, num_microbatches "
+                       "may change), or a new workdir")
 
 
 def _host_batch(examples: SFTExamples, rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -397,10 +425,8 @@ def sft_train(*, workdir: str, data: str, config: SFTConfig, model: models.Model
   if cfg.eos_token_id is None:  # exported configs say where generation stops
     cfg = cfg.replace(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
   mesh = mesh if mesh is not None else parallel.make_mesh()
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]
-  if (config.batch_size // config.num_microbatches) % dp:
-    raise CotsafeError(f"sft_train: batch_size / num_microbatches = {config.batch_size} / "
-                       f"{config.num_microbatches} is not a multiple of the mesh's data x fsdp = {dp}")
+  config = config.for_mesh(mesh.shape["data"] * mesh.shape["fsdp"])
+  check_batch_size(config, mesh)
 
   loaded = load_sft(data, columns=columns, split=split, data_dir=data_dir,
                     on_bad_row="raise" if on_bad_row == "error" else "skip")
@@ -426,7 +452,7 @@ def sft_train(*, workdir: str, data: str, config: SFTConfig, model: models.Model
   lr_at = make_schedule(learning_rate=config.learning_rate, schedule=config.schedule,
                         warmup_steps=config.warmup_steps, total_steps=schedule_steps,
                         min_lr_ratio=config.min_lr_ratio)
-  optimizer = _optimizer(config, schedule_steps)
+  optimizer = make_sft_optimizer(config, schedule_steps)
   shardings = state_shardings(cfg, optimizer, mesh)
   batch_shardings = _batch_shardings(mesh, (config.batch_size, config.max_len))
 
