@@ -27,7 +27,10 @@ setup(
         "matplotlib>=3.8,<4",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "torch==2.13.0"],
+        # the accelerators' compilers, for the `plan` job on any host (TPU: libtpu; NVIDIA: the CUDA plugin + ptxas)
+        "plan": ["jax[tpu]>=0.10.2,<0.11", "jax-cuda12-plugin>=0.10.2,<0.11", "nvidia-cuda-nvcc-cu12>=12.6"],
+        "test": ["pytest>=8,<10", "torch==2.13.0", "jax[tpu]>=0.10.2,<0.11", "jax-cuda12-plugin>=0.10.2,<0.11",
+                 "nvidia-cuda-nvcc-cu12>=12.6"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda13]"],
     },

@@ -16,12 +16,15 @@ import numpy as np
 from cotsafe_jax import demo as demo_lib, eval as eval_lib, models, parallel, rewards, rl
 from cotsafe_jax.data import sources
 from cotsafe_jax.errors import CotsafeError
+from cotsafe_jax.plan import run as plan_lib
 from cotsafe_jax.rewards.rules import TokenSetReward
 from cotsafe_jax.rl import ppo as ppo_lib
 from cotsafe_jax.train import ppo_trainer, sft_trainer
 
+# make_mesh as gin configures it (make_mesh.data / fsdp / tensor), for jobs that build a mesh over other devices
+_make_mesh = gin.external_configurable(parallel.make_mesh, "make_mesh")
 for _fn, _name in [
-    (models.ModelConfig, "ModelConfig"), (models.tiny_config, "tiny_config"), (parallel.make_mesh, "make_mesh"),
+    (models.ModelConfig, "ModelConfig"), (models.tiny_config, "tiny_config"),
     (rl.AdvantageConfig, "AdvantageConfig"), (rl.PolicyLoss, "PolicyLoss"), (rl.ValueLoss, "ValueLoss"),
     (rl.AdaptiveKLConfig, "AdaptiveKLConfig"), (rl.LagrangianConfig, "LagrangianConfig"),
     (ppo_lib.PPOConfig, "PPOConfig"), (ppo_trainer.PolicySpec, "PolicySpec"),
@@ -155,6 +158,16 @@ def evaluate(*, workdir: str, hf_dir: str = gin.REQUIRED, prompts: str = gin.REQ
   if parallel.is_main_process():
     print(table)
   return res.summary
+
+
+@gin.configurable
+def plan(*, workdir: str, target: str = gin.REQUIRED, policy: ppo_trainer.PolicySpec = gin.REQUIRED,
+         ppo: ppo_lib.PPOConfig = gin.REQUIRED, rollout: ppo_trainer.RolloutConfig = gin.REQUIRED,
+         prompts_per_step: int = gin.REQUIRED, optim: ppo_trainer.OptimConfig = gin.REQUIRED,
+         make_mesh: Callable[..., Any] = _make_mesh, **kwargs) -> dict[str, Any]:
+  """Compile every program of a PPO run for a target and write plan.json (see cotsafe_jax/plan/run.plan)."""
+  return plan_lib.plan(workdir=workdir, target=target, policy=policy, ppo=ppo, rollout=rollout,
+                       prompts_per_step=prompts_per_step, optim=optim, make_mesh=make_mesh, **kwargs)
 
 
 @gin.configurable
