@@ -93,14 +93,22 @@ class Checkpointer:
     except Exception:  # noqa: BLE001 - only for a clearer message; the caller has orbax's own
       return None
     wanted = _shapes_by_path(target)
-    for path in sorted(set(saved) | set(wanted)):
+    problems = []  # (depth, path, text): the shallowest first, so params show before their optimizer moments
+    for path in set(saved) | set(wanted):
       if path not in saved:
-        return f"{path} {list(wanted[path])} is not in the checkpoint"
-      if path not in wanted:
-        return f"the checkpoint has {path} {list(saved[path])}, this run has none"
-      if saved[path] != wanted[path]:
-        return f"{path} is {list(saved[path])} in the checkpoint, {list(wanted[path])} in this run"
-    return None
+        text = f"{path} {list(wanted[path])} is not in the checkpoint"
+      elif path not in wanted:
+        text = f"the checkpoint has {path} {list(saved[path])}, this run has none"
+      elif saved[path] != wanted[path]:
+        text = f"{path} is {list(saved[path])} in the checkpoint, {list(wanted[path])} in this run"
+      else:
+        continue
+      problems.append((path.count("/"), path, text))
+    if not problems:
+      return None
+    problems.sort()
+    more = f"; {len(problems) - 1} more arrays differ" if len(problems) > 1 else ""
+    return problems[0][2] + more
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

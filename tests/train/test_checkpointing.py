@@ -96,7 +96,8 @@ def test_a_checkpoint_of_another_model_is_an_error_naming_the_array(tmp_path):
   with pytest.raises(CotsafeError) as e:
     ckpt.restore(3, _train_state(12))
   want = (f"cotsafe_jax: {tmp_path}/c/3: checkpoint does not fit this run's state (policy/embed is [16, 8] in the "
-          "checkpoint, [16, 12] in this run), expected a checkpoint of the same model, optimizer and config")
+          "checkpoint, [16, 12] in this run; 5 more arrays differ), expected a checkpoint of the same model, "
+          "optimizer and config")
   assert str(e.value).startswith(want) and "\n" not in str(e.value)
   other = _train_state(8)
   other = other.replace(critic={"head": jnp.zeros((8, 1))})
