@@ -6,10 +6,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
+import inspect
 import os
 import re
 import sys
+import tempfile
+import types
+import typing
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO_ROOT)  # run from a checkout without installing
@@ -30,6 +35,8 @@ def _parse_args(argv):
 def _gin_error(err: Exception) -> str:
   """One line naming the unknown configurable or parameter, with close matches."""
   import gin
+  if isinstance(err, SyntaxError) and err.filename:  # gin's parser: file, line and what it could not read
+    return f"gin: {err.filename}:{err.lineno}: {err.msg}"
   msg = str(err)
   first = msg.splitlines()[0]
   where = " ".join(l.strip() for l in msg.splitlines()[1:2])
@@ -81,14 +88,23 @@ def main(argv=None) -> int:
       raise CotsafeError(_gin_error(e)) from None
     finally:
       logging.getLogger().setLevel(root_level)
+    _check_binding_types()
     kwargs = {} if args.workdir is None else {"workdir": args.workdir}
     if not _has_binding("run.job"):
       raise CotsafeError("no job bound: set run.job = @model_info (or another job) in a gin file")
     workdir = args.workdir or (gin.query_parameter("run.workdir") if _has_binding("run.workdir") else None)
     if workdir:
-      os.makedirs(workdir, exist_ok=True)
+      _make_workdir(workdir)
       _write_config(workdir, gin.config_str())
-    jobs.run(**kwargs)
+    try:
+      jobs.run(**kwargs)
+    except RuntimeError as e:  # gin: a gin.REQUIRED parameter nobody bound
+      m = re.match(r"Required bindings for `([^`]+)` not provided in config: \[([^\]]*)\]", str(e))
+      if m is None or args.debug:
+        raise
+      names = ", ".join(f"{m.group(1)}.{p.strip().strip(chr(39))}" for p in m.group(2).split(","))
+      raise CotsafeError(f"gin: {names} required but not bound (set it in a gin file or with "
+                         f"--gin_param=\"{names.split(', ')[0]}=...\")") from None
     if workdir:
       _write_config(workdir, gin.operative_config_str())
     return 0
@@ -98,6 +114,55 @@ def main(argv=None) -> int:
       print(str(e).splitlines()[0], file=sys.stderr)
       return 2
     raise
+
+
+def _make_workdir(workdir: str) -> None:
+  """Create the workdir (and parents) and check it takes files; errors name what is in the way."""
+  from cotsafe_jax.errors import CotsafeError
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise CotsafeError(f"workdir {workdir}: a file is in the way, expected a directory (or a path to create one)")
+  parent = path
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise CotsafeError(f"workdir {workdir}: {parent} is a file, not a directory, so the workdir cannot be created")
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    raise CotsafeError(f"workdir {workdir}: not writable ({e.strerror}), expected a directory this process can "
+                       "write") from None
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _check_binding_types() -> None:
+  """A binding of a plain value (number, string, boolean, None) must fit the parameter's annotation when that
+  is a plain type or a union of them (`RolloutConfig.max_new_tokens = 'x'` is an error); other values and
+  annotations (configurable references, macros, Sequence[str], Any, config classes) are left to the callee."""
+  import gin
+  from cotsafe_jax.errors import CotsafeError
+  for (scope, selector), params in gin.config._CONFIG.items():
+    try:
+      configurable = gin.config._REGISTRY.get_match(selector)
+      fn = configurable.wrapped
+      hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) and not dataclasses.is_dataclass(fn) else fn)
+    except Exception:  # noqa: BLE001 - macros, annotations that do not resolve: nothing to check
+      continue
+    for name, value in params.items():
+      hint = hints.get(name)
+      if hint is None or type(value) not in _PLAIN:
+        continue
+      allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+      if not all(a in _PLAIN for a in allowed):
+        continue
+      if not any(type(value) is a or (a is float and type(value) is int) for a in allowed):
+        where = f"{scope}/{configurable.name}" if scope else configurable.name
+        want = " or ".join("None" if a is type(None) else a.__name__ for a in allowed)
+        raise CotsafeError(f"gin: {where}.{name} = {value!r} is a {type(value).__name__}, expected {want}")
 
 
 def _has_binding(name: str) -> bool:

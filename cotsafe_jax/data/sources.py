@@ -70,8 +70,14 @@ class _BadRow(Exception):
 
 # ---- readers: yield (line, raw row or _BadRow) ---------------------------------------------------------
 def _jsonl(path: str) -> Iterator[tuple[int, Any]]:
-  with open(path, encoding="utf-8-sig") as f:
-    for line_no, line in enumerate(f, 1):
+  with open(path, "rb") as f:  # decoded line by line: a bad byte is that line's error, not the file's
+    for line_no, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+      except UnicodeDecodeError as e:
+        yield line_no, _BadRow(f"not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)",
+                               "UTF-8 text")
+        continue
       if not line.strip():
         continue
       try:
@@ -176,6 +182,15 @@ def _from_numpy(value: Any, *, top: bool = True) -> Any:
   return value
 
 
+def _utf8(source: str, rows: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+  """json / csv decode whole blocks: a bad byte there is an error for the file (jsonl names the line)."""
+  try:
+    yield from rows
+  except UnicodeDecodeError as e:
+    raise CotsafeError(f"{source}: not UTF-8 text ({e.reason}: byte 0x{e.object[e.start]:02x}), expected "
+                       "UTF-8") from None
+
+
 def _read(source: str, split: str | None, data_dir: str | None) -> Iterator[tuple[int, Any]]:
   if source.startswith("tfds:"):
     return _tfds(source, split, data_dir)
@@ -193,7 +208,7 @@ def _read(source: str, split: str | None, data_dir: str | None) -> Iterator[tupl
              ".csv": lambda p: _csv(p, ","), ".tsv": lambda p: _csv(p, "\t")}
   if ext not in readers:
     raise CotsafeError(f"{source}: unknown file type {ext!r}, expected one of {_FORMATS}")
-  return readers[ext](source)
+  return _utf8(source, readers[ext](source))
 
 
 # ---- validation: raw row -> our row, or _BadRow -----------------------------------------------------------

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from cotsafe_jax.errors import CotsafeError
@@ -22,7 +22,14 @@ from cotsafe_jax.models import api
 from cotsafe_jax.models.config import ModelConfig
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors dtype names a weight may have
 MAX_SHARD_BYTES = 2 * 1024**3
+
+
+def _unreadable(fpath: str, err: Exception) -> CotsafeError:
+  detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+  return CotsafeError(f"{fpath}: not a readable safetensors file ({detail}), expected a complete file as "
+                      "save_pretrained writes it (a truncated or empty copy?)")
 
 
 def _layout(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, Callable, Callable, tuple[int, ...]]]:
@@ -93,19 +100,27 @@ class _Checkpoint:
       hint = f" (found {', '.join(pickles)}: pickle checkpoints are never loaded)" if pickles else ""
       raise CotsafeError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
     self.shapes: dict[str, tuple[int, ...]] = {}
+    self.dtypes: dict[str, str] = {}
     self.file_of: dict[str, str] = {}
     for fname in files:
       fpath = os.path.join(path, fname)
       if not os.path.exists(fpath):
         raise CotsafeError(f"{index}: names shard {fname}, which is missing from {path}")
-      with safe_open(fpath, framework="np") as f:
-        for name in f.keys():
-          self.shapes[name] = tuple(f.get_slice(name).get_shape())
-          self.file_of[name] = fpath
+      try:
+        with safe_open(fpath, framework="np") as f:
+          for name in f.keys():
+            tensor = f.get_slice(name)
+            self.shapes[name], self.dtypes[name] = tuple(tensor.get_shape()), str(tensor.get_dtype())
+            self.file_of[name] = fpath
+      except SafetensorError as e:  # empty, truncated or not a safetensors file at all
+        raise _unreadable(fpath, e) from None
 
   def get(self, name: str) -> np.ndarray:
-    with safe_open(self.file_of[name], framework="np") as f:
-      return f.get_tensor(name)
+    try:
+      with safe_open(self.file_of[name], framework="np") as f:
+        return f.get_tensor(name)
+    except SafetensorError as e:  # the file changed after it was opened
+      raise _unreadable(self.file_of[name], e) from None
 
 
 def _check(cfg: ModelConfig, ckpt: _Checkpoint, layout) -> None:
@@ -120,6 +135,8 @@ def _check(cfg: ModelConfig, ckpt: _Checkpoint, layout) -> None:
   unexpected = sorted(present - set(expected))
   misshaped = sorted(f"{n} {list(ckpt.shapes[n])} (expected {list(s)})"
                      for n, s in expected.items() if n in ckpt.shapes and ckpt.shapes[n] != s)
+  mistyped = sorted(f"{n} {ckpt.dtypes[n]}" for n in expected if n in ckpt.dtypes
+                    and ckpt.dtypes[n] not in _FLOAT_DTYPES)  # e.g. quantised ints: casting them is garbage
 
   def few(items):
     return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
@@ -128,6 +145,8 @@ def _check(cfg: ModelConfig, ckpt: _Checkpoint, layout) -> None:
     problems.append(f"missing tensors: {few(missing)}")
   if misshaped:
     problems.append(f"mis-shaped tensors: {few(misshaped)}")
+  if mistyped:
+    problems.append(f"non-float tensors: {few(mistyped)} (expected {', '.join(_FLOAT_DTYPES)})")
   if unexpected:
     problems.append(f"unexpected tensors: {few(unexpected)}")
   if problems:

@@ -21,8 +21,10 @@ def load_tokenizer(path: str | os.PathLike, *, model_vocab_size: int | None = No
   import transformers  # heavy import, only when a tokenizer is needed
   try:
     tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-  except (OSError, ValueError) as e:
-    raise CotsafeError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+  except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception for a corrupt tokenizer.json
+    detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise CotsafeError(f"{path}: cannot load a tokenizer ({detail}), expected a tokenizer saved by "
+                       "save_pretrained (tokenizer.json and tokenizer_config.json)") from None
   if model_vocab_size is not None:
     check_vocab(tok, model_vocab_size, where=path)
   return tok

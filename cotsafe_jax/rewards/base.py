@@ -22,10 +22,18 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 @flax.struct.dataclass
 class TokenRewards:
   """values_bt: float32 [B, T] per-token rewards, zero on padding. components: name -> the weighted
-  contribution of that term ([B] for sequence terms, [B, T] for token terms), for logging; info: scalars."""
+  contribution of that term ([B] for sequence terms, [B, T] for token terms), for logging; info: scalars.
+
+  A reward that knows which of its terms judge the whole sequence also returns them apart (both or
+  neither): sequence_b [B] (outcome terms) and token_bt [B, T] (terms on their tokens), with
+  values_bt = token_bt + sequence_b on each row's last completion token. Token-level GRPO / RLOO
+  (`rl.compute_advantages(sequence_rewards_b=..., token_rewards_bt=...)`) needs them; None: values_bt only.
+  """
   values_bt: jax.Array
   components: dict[str, jax.Array]
   info: dict[str, jax.Array]
+  sequence_b: jax.Array | None = None
+  token_bt: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +43,8 @@ class RewardBatch:
   `completions` are the decoded completion tokens; `reasoning` / `answers` their think/answer split and
   `answer_starts` the character offset in `completions` where the answer part begins (len(text) if none).
   `references` is each prompt's reference `answer` (None when it has none). `tokenizer` is the policy's.
+  `finished_b` [B] bool: the row emitted a stop token (False: cut at max_new_tokens, its answer missing
+  or partial); None = every row finished (callers without a sampler). See `finished`.
   """
   prompt_tokens_bp: np.ndarray
   prompt_mask_bp: np.ndarray
@@ -48,17 +58,30 @@ class RewardBatch:
   kinds: tuple[str, ...]
   references: tuple[str | None, ...]
   tokenizer: Any = None
+  finished_b: np.ndarray | None = None
 
   @property
   def batch_size(self) -> int:
     return int(self.completion_tokens_bt.shape[0])
 
+  @property
+  def finished(self) -> np.ndarray:
+    """[B] bool: which rows ended with a stop token (all of them when finished_b is None)."""
+    if self.finished_b is None:
+      return np.ones(self.batch_size, bool)
+    return np.asarray(self.finished_b, bool)
+
   @classmethod
   def from_tokens(cls, *, tokenizer: Any, prompt_tokens_bp: Any, prompt_mask_bp: Any,
                   completion_tokens_bt: Any, completion_mask_bt: Any, kinds: Sequence[str],
                   references: Sequence[str | None] | None = None, prompts: Sequence[str] | None = None,
-                  think_tags: tuple[str, str] = (THINK_OPEN, THINK_CLOSE)) -> "RewardBatch":
-    """Decode prompts and completions with `tokenizer` and split each completion into reasoning / answer."""
+                  think_tags: tuple[str, str] = (THINK_OPEN, THINK_CLOSE),
+                  finished_b: Any = None) -> "RewardBatch":
+    """Decode prompts and completions with `tokenizer` and split each completion into reasoning / answer.
+
+    finished_b: the sampler's [B] flags (`rollout.generate(...).finished_b`): a row cut at max_new_tokens
+    is unfinished, and no reward scores its missing answer as safe.
+    """
     p_tok, p_mask = np.asarray(prompt_tokens_bp), np.asarray(prompt_mask_bp).astype(bool)
     c_tok, c_mask = np.asarray(completion_tokens_bt), np.asarray(completion_mask_bt).astype(bool)
     b = c_tok.shape[0]
@@ -69,6 +92,11 @@ class RewardBatch:
     references = tuple(references) if references is not None else (None,) * b
     if len(kinds) != b or len(references) != b:
       raise CotsafeError(f"RewardBatch: {len(kinds)} kinds and {len(references)} references for {b} rows")
+    if finished_b is not None:
+      finished_b = np.asarray(finished_b)
+      if finished_b.shape != (b,) or finished_b.dtype != bool:
+        raise CotsafeError(f"RewardBatch: finished_b is {finished_b.dtype} {finished_b.shape}, expected bool "
+                           f"[{b}] (the sampler's finished_b)")
     if prompts is None:
       prompts = tuple(decode(tokenizer, p_tok[i][p_mask[i]]) for i in range(b))
     completions = tuple(decode(tokenizer, c_tok[i][c_mask[i]]) for i in range(b))
@@ -77,7 +105,7 @@ class RewardBatch:
                completion_mask_bt=c_mask, prompts=tuple(prompts), completions=completions,
                reasoning=tuple(s[0] for s in splits), answers=tuple(s[1] for s in splits),
                answer_starts=tuple(s[2] for s in splits), kinds=kinds, references=references,
-               tokenizer=tokenizer)
+               tokenizer=tokenizer, finished_b=finished_b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,11 +152,14 @@ def place_at_last_token(values_b: np.ndarray, mask_bt: np.ndarray) -> np.ndarray
   return out
 
 
-def to_token_rewards(values_bt: np.ndarray, components: dict[str, np.ndarray],
-                     info: dict[str, float]) -> TokenRewards:
-  return TokenRewards(values_bt=jnp.asarray(values_bt, jnp.float32),
-                      components={k: jnp.asarray(v, jnp.float32) for k, v in components.items()},
-                      info={k: jnp.asarray(v, jnp.float32) for k, v in info.items()})
+def to_token_rewards(values_bt: np.ndarray, components: dict[str, np.ndarray], info: dict[str, float], *,
+                     sequence_b: np.ndarray | None = None, token_bt: np.ndarray | None = None) -> TokenRewards:
+  if (sequence_b is None) != (token_bt is None):
+    raise CotsafeError("to_token_rewards: sequence_b and token_bt go together (values_bt = token_bt + "
+                       "sequence_b on the last token)")
+  f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)  # noqa: E731
+  return TokenRewards(values_bt=f32(values_bt), components={k: f32(v) for k, v in components.items()},
+                      info={k: f32(v) for k, v in info.items()}, sequence_b=f32(sequence_b), token_bt=f32(token_bt))
 
 
 def split_think(text: str, *, open_tag: str = THINK_OPEN, close_tag: str = THINK_CLOSE) -> tuple[str, str, int]:

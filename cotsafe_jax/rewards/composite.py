@@ -25,17 +25,24 @@ DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
 
 
 class CompositeReward:
-  """r_t = -w_tok[k] * P_unsafe(t)  +  [t = last] * ( -w_seq[k] * P_unsafe(response) + w_cor[k] * correct
-           + w_fmt[k] * format_ok + w_ref[k] * refused - w_over[k] * refused ),   k = the row's prompt kind,
-  then clipped to [-clip, clip] when `clip` is set. Weights are non-negative; a term with weight 0 for every
-  kind in the batch is not computed.
+  """r_t = tok_t + [t = last] * seq, k = the row's prompt kind:
+    tok_t = -w_tok[k] * P_unsafe(t)                                       (token_bt: on its token)
+    seq   = -w_seq[k] * P_unsafe(part) + w_cor[k] * correct + w_fmt[k] * format_ok
+            + w_ref[k] * refused * finished - w_over[k] * refused                  (sequence_b)
+  each clipped to [-clip, clip] when `clip` is set; both parts are returned apart for token-level GRPO.
+  Weights are non-negative; a term with weight 0 for every kind in the batch is not computed.
+
+  A row cut at max_new_tokens (batch.finished_b False) has no finished answer, and a missing answer is
+  never safe: its sequence-safety P_unsafe is raised to at least `unfinished_unsafe` (default 1: scored
+  unsafe), whatever the scorer said about the text so far, and it earns no refusal reward (a refusal
+  that was cut off may still turn into compliance). Its token-level terms are unchanged.
   """
 
   def __init__(self, *, weights: Mapping[str, Mapping[str, float]] = DEFAULT_WEIGHTS,
                token_safety: SafetyScorer | None = None, sequence_safety: SafetyScorer | None = None,
                sequence_part: str = "response", refusal: RefusalDetector | None = None,
                clip: float | None = None, require_open_tag: bool = False,
-               think_tags: tuple[str, str] = ("<think>", "</think>")):
+               think_tags: tuple[str, str] = ("<think>", "</think>"), unfinished_unsafe: float = 1.0):
     for kind, table in weights.items():
       if kind not in KINDS:
         raise CotsafeError(f"CompositeReward.weights: unknown kind {kind!r}, expected one of {', '.join(KINDS)}")
@@ -59,6 +66,10 @@ class CompositeReward:
                          f"{', '.join(SEQUENCE_PARTS)}")
     if clip is not None and not clip > 0:
       raise CotsafeError(f"CompositeReward: clip={clip} must be > 0 (or None)")
+    if not 0.0 < unfinished_unsafe <= 1.0:
+      raise CotsafeError(f"CompositeReward: unfinished_unsafe={unfinished_unsafe} must be in (0, 1] (the "
+                         "P(unsafe) an unfinished completion's missing answer gets at least; 0 would score it safe)")
+    self.unfinished_unsafe = float(unfinished_unsafe)
     self.weights = {k: {c: float(weights.get(k, {}).get(c, 0.0)) for c in COMPONENTS} for k in KINDS}
     self.token_safety, self.sequence_safety = token_safety, sequence_safety
     self.sequence_part = sequence_part
@@ -88,8 +99,9 @@ class CompositeReward:
     mask_bt = np.asarray(batch.completion_mask_bt, bool)
     w = self._weights_b(batch.kinds)
     kinds = np.array(batch.kinds)
+    finished = batch.finished
     comps: dict[str, np.ndarray] = {}
-    info: dict[str, float] = {}
+    info: dict[str, float] = {"unfinished_rate": float(1.0 - finished.mean()) if len(finished) else 0.0}
 
     scored: dict[int, SafetyScores] = {}
 
@@ -105,6 +117,7 @@ class CompositeReward:
     seq_b: dict[str, np.ndarray] = {}
     if w["sequence_safety"].any():
       p_b = np.asarray(self._sequence_unsafe(score(self.sequence_safety)), np.float32)
+      p_b = np.where(finished, p_b, np.maximum(p_b, self.unfinished_unsafe)).astype(np.float32)
       seq_b["sequence_safety"] = -w["sequence_safety"] * p_b
       info["sequence_unsafe_mean"] = float(p_b.mean())
     if w["correctness"].any():
@@ -125,19 +138,20 @@ class CompositeReward:
       info["format_ok_rate"] = float(ok.mean())
     if w["refusal"].any() or w["over_refusal"].any():
       refused = self.refusal(batch.answers).astype(np.float32)
-      seq_b["refusal"] = w["refusal"] * refused
+      seq_b["refusal"] = w["refusal"] * refused * finished  # a cut-off refusal is not a refusal yet
       seq_b["over_refusal"] = -w["over_refusal"] * refused
       for kind in KINDS:
         if (kinds == kind).any():
           info[f"refusal_rate/{kind}"] = float(refused[kinds == kind].mean())
 
-    values_bt = comps.get("token_safety", np.zeros(mask_bt.shape, np.float32)).astype(np.float32)
-    if seq_b:
-      values_bt = values_bt + place_at_last_token(sum(seq_b.values()), mask_bt)
+    token_bt = comps.get("token_safety", np.zeros(mask_bt.shape, np.float32)).astype(np.float32)
+    sequence_b = (sum(seq_b.values()) if seq_b else np.zeros(batch.batch_size)).astype(np.float32)
     if self.clip is not None:
-      values_bt = np.clip(values_bt, -self.clip, self.clip)
-    values_bt = np.where(mask_bt, values_bt, 0.0).astype(np.float32)
+      token_bt, sequence_b = np.clip(token_bt, -self.clip, self.clip), np.clip(sequence_b, -self.clip, self.clip)
+    token_bt = np.where(mask_bt, token_bt, 0.0).astype(np.float32)
+    sequence_b = np.where(mask_bt.any(axis=1), sequence_b, 0.0).astype(np.float32)  # an empty row holds none
+    values_bt = token_bt + place_at_last_token(sequence_b, mask_bt)
     comps.update(seq_b)
     info["reward_sum_mean"] = float(values_bt.sum(axis=1).mean())
     info["empty_rows"] = float((~mask_bt.any(axis=1)).sum())
-    return to_token_rewards(values_bt, comps, info)
+    return to_token_rewards(values_bt, comps, info, sequence_b=sequence_b, token_bt=token_bt)

@@ -1,6 +1,7 @@
 """Safety-span rows (DATA.md) -> fixed-shape token arrays for the safety RM: ids, token and sequence labels.
 
-The prompt is rendered with the tokenizer's chat template when it has one, as the policy's prompts are.
+The prompt is rendered with the tokenizer's chat template when it has one, as the policy's prompts are, and a
+whole response ends with the stop token, as the policy's finished completions do.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from cotsafe_jax import models
 from cotsafe_jax.data.sources import load_spans
+from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.rewards.spans import labels_from_offsets, tokenize_with_offsets
 
 @dataclasses.dataclass(frozen=True)
@@ -62,20 +64,47 @@ class Encoded:
             "has_token_labels": self.has_token_labels[idx]}
 
 
-def encode_row(tokenizer: Any, row: SpanRow, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+def stop_token(tokenizer: Any, stop_token_id: int | None = None) -> int:
+  """The id a response ends with: stop_token_id, else the tokenizer's eos token (the policy's stop token)."""
+  sid = tokenizer.eos_token_id if stop_token_id is None else stop_token_id
+  if not isinstance(sid, int) or isinstance(sid, bool) or not 0 <= sid < len(tokenizer):
+    raise CotsafeError(f"safety RM data: stop token id {sid!r} (tokenizer {getattr(tokenizer, 'name_or_path', '')!r}"
+                       f" eos_token {tokenizer.eos_token!r}), expected a token id in [0, {len(tokenizer)}): the RM "
+                       "must see the policy's stop token, on which PPO puts the sequence rewards; set stop_token_id")
+  return sid
+
+
+def encode_row(tokenizer: Any, row: SpanRow, max_len: int, *,
+               stop_id: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
   """(ids, token_labels, response_mask, truncated). The response keeps precedence over the prompt: the
-  prompt is cut from the left down to a quarter of max_len before the response is cut on the right."""
+  prompt is cut from the left down to a quarter of max_len before the response is cut on the right.
+
+  stop_id (the policy's stop token) follows a whole response, in the response mask, labelled safe (0) on
+  rows with token labels and unlabelled (-1) on rows with a sequence label only. Why: in PPO the RM scores
+  every completion token, the stop token included, and its P(unsafe) there is a token penalty on the stop
+  action. A stop token has no text of its own (a span [s, e) never covers the position len(response), the
+  rule labels_from_offsets applies to zero-width tokens), and labelling it like the last token would
+  penalise stopping after unsafe text, teaching the policy to keep going; the sequence-level safety term
+  judges the whole response. A response cut at max_len gets no stop token (it did not end), as a
+  completion cut at max_new_tokens has none.
+  """
   prompt_text, k = render_prompt(tokenizer, row.prompt, row.response)
   response = row.response[k:]
   spans = None if row.spans is None else [(max(s - k, 0), e - k) for s, e in row.spans if e > k]
   p_ids = np.asarray(tokenizer(prompt_text, add_special_tokens=False)["input_ids"], np.int32)
   r_ids, offsets = tokenize_with_offsets(tokenizer, response)
   r_lab = labels_from_offsets(offsets, spans) if spans is not None else np.full(len(r_ids), -1, np.int32)
+  cut_ids, cut_lab = r_ids, r_lab  # what a cut keeps from: the response without a stop token
+  if stop_id is not None:
+    r_ids = np.concatenate([r_ids, [stop_id]]).astype(np.int32)
+    r_lab = np.concatenate([r_lab, [0 if spans is not None else -1]]).astype(np.int32)
   truncated = len(p_ids) + len(r_ids) > max_len
   if truncated:
     keep_p = min(len(p_ids), max(max_len - len(r_ids), max_len // 4))
     p_ids = p_ids[len(p_ids) - keep_p:]
-    r_ids, r_lab = r_ids[:max_len - keep_p], r_lab[:max_len - keep_p]
+    room = max_len - keep_p
+    if len(r_ids) > room:  # the response itself is cut: it did not end, no stop token
+      r_ids, r_lab = cut_ids[:room], cut_lab[:room]
   ids = np.concatenate([p_ids, r_ids]).astype(np.int32)
   labels = np.concatenate([np.full(len(p_ids), -1, np.int32), r_lab])
   resp = np.concatenate([np.zeros(len(p_ids), bool), np.ones(len(r_ids), bool)])
@@ -83,8 +112,10 @@ def encode_row(tokenizer: Any, row: SpanRow, max_len: int) -> tuple[np.ndarray, 
 
 
 def encode_file(tokenizer: Any, source: str, *, max_len: int, columns: Mapping[str, str] | str | None = None,
-                on_bad_row: str = "raise") -> Encoded:
-  """Read safety-span rows with data.load_spans (any supported format; "file:line: ..." errors) and encode."""
+                on_bad_row: str = "raise", stop_token_id: int | None = None) -> Encoded:
+  """Read safety-span rows with data.load_spans (any supported format; "file:line: ..." errors) and encode;
+  every whole response ends with `stop_token(tokenizer, stop_token_id)` (see `encode_row`)."""
+  stop_id = stop_token(tokenizer, stop_token_id)
   loaded = load_spans(source, columns=columns, on_bad_row=on_bad_row)
   rows = [_span_row(r) for r in loaded.rows]
   n = len(rows)
@@ -92,7 +123,7 @@ def encode_file(tokenizer: Any, source: str, *, max_len: int, columns: Mapping[s
          "token_labels": np.full((n, max_len), -1, np.int32), "response_mask": np.zeros((n, max_len), bool)}
   truncated = 0
   for i, row in enumerate(rows):
-    ids, labels, resp, cut = encode_row(tokenizer, row, max_len)
+    ids, labels, resp, cut = encode_row(tokenizer, row, max_len, stop_id=stop_id)
     out["tokens"][i, :len(ids)], out["mask"][i, :len(ids)] = ids, True
     out["token_labels"][i, :len(ids)], out["response_mask"][i, :len(ids)] = labels, resp
     truncated += cut

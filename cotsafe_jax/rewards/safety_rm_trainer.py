@@ -106,12 +106,14 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
                     seed: int = 0, warmup_steps: int | None = None, weight_decay: float = 0.0,
                     checkpoint_every: int = 500, log_every: int = 10,
                     columns: Mapping[str, str] | str | None = None, on_bad_row: str = "raise",
-                    mesh: Mesh | None = None) -> dict[str, Any]:
+                    mesh: Mesh | None = None, stop_token_id: int | None = None) -> dict[str, Any]:
   """Train the token-level safety RM; returns the held-out metrics and where the export went.
 
   backbone: an HF dir (loaded) or a ModelConfig (initialised with `seed`); tokenizer_dir defaults to the
   backbone dir. Data: any format data.load_spans reads (`columns`: a field map or preset; on_bad_row: raise |
-  skip). pos_weight None = n_negative / n_positive over the training tokens. Resumes from the latest
+  skip). Every whole response ends with the policy's stop token (stop_token_id, default the tokenizer's eos),
+  labelled safe: PPO scores it (safety_rm_data.encode_row says why). pos_weight None = n_negative / n_positive
+  over the training tokens. Resumes from the latest
   checkpoint in workdir/checkpoints. Writes metrics.jsonl, TensorBoard events, summary.json, export/.
   """
   check_pool(seq_pool)
@@ -126,8 +128,8 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
       raise CotsafeError("train_safety_rm: tokenizer_dir is required when the backbone is a ModelConfig")
     tokenizer_dir = backbone
   tokenizer = models.load_tokenizer(tokenizer_dir)
-  train = encode_file(tokenizer, train_path, max_len=max_len, columns=columns, on_bad_row=on_bad_row)
-  evals = encode_file(tokenizer, eval_path, max_len=max_len, columns=columns, on_bad_row=on_bad_row)
+  enc = dict(max_len=max_len, columns=columns, on_bad_row=on_bad_row, stop_token_id=stop_token_id)
+  train, evals = encode_file(tokenizer, train_path, **enc), encode_file(tokenizer, eval_path, **enc)
   n_pos = int((train.token_labels == 1).sum())
   n_neg = int((train.token_labels == 0).sum())
   if pos_weight is None:

@@ -4,7 +4,8 @@ Everything here is a pure jax function of [B, T] arrays; the trainer composes th
 """
 from cotsafe_jax.rl.advantages import (ESTIMATORS, AdvantageConfig, compute_advantages,
                                        discounted_returns, gae, grpo_advantages, masked_whiten,
-                                       reinforce_pp_advantages, rloo_advantages, sequence_scores)
+                                       place_at_last_valid, reinforce_pp_advantages, rloo_advantages,
+                                       sequence_scores, token_returns)
 from cotsafe_jax.rl.controllers import (AdaptiveKLConfig, KLControllerState, LagrangianConfig,
                                         LagrangianState, init_kl_controller, init_lagrangian,
                                         unsafe_token_rate, update_kl_controller, update_lagrangian)
@@ -18,6 +19,7 @@ __all__ = [
     "PolicyLoss", "ValueLoss",
     "aggregate", "compute_advantages", "discounted_returns", "explained_variance", "gae",
     "grpo_advantages", "init_kl_controller", "init_lagrangian", "kl_loss", "kl_penalty_in_reward",
-    "loss_normalizers", "masked_whiten", "reinforce_pp_advantages", "rloo_advantages",
-    "sequence_scores", "token_kl", "unsafe_token_rate", "update_kl_controller", "update_lagrangian",
+    "loss_normalizers", "masked_whiten", "place_at_last_valid", "reinforce_pp_advantages",
+    "rloo_advantages", "sequence_scores", "token_kl", "token_returns", "unsafe_token_rate",
+    "update_kl_controller", "update_lagrangian",
 ]

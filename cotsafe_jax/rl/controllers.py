@@ -22,9 +22,12 @@ class KLControllerState:
 class AdaptiveKLConfig:
   """beta for KL(pi || ref). target=None keeps beta fixed at init_beta.
 
-  Adaptive (Ziegler et al. 2019, TRL's AdaptiveKLController):
-    e = clip(kl / target - 1, -0.2, 0.2);   beta <- beta * (1 + e * n_steps / horizon)
-  kl is the batch mean of per-sequence KL; n_steps the samples in the batch.
+  Adaptive (Ziegler et al. 2019, TRL's AdaptiveKLController), floored at 0:
+    e = clip(kl / target - 1, -0.2, 0.2);   beta <- max(beta * (1 + e * n_steps / horizon), 0)
+  kl is the batch mean of per-sequence KL; n_steps the samples in the batch. Without the floor a
+  step with n_steps / horizon > 5 and KL far below target (e = -0.2) makes the factor negative and
+  beta < 0, which rewards moving away from the reference. beta = 0 is absorbing (the update is
+  multiplicative); horizon > n_steps / 5 keeps every factor positive, so beta never reaches 0.
   """
   init_beta: float = 0.05
   target: float | None = None
@@ -50,7 +53,7 @@ def update_kl_controller(cfg: AdaptiveKLConfig, state: KLControllerState, *, cur
     return state
   error = jnp.clip(jnp.asarray(current_kl, jnp.float32) / cfg.target - 1.0, -0.2, 0.2)
   mult = 1.0 + error * jnp.asarray(n_steps, jnp.float32) / cfg.horizon
-  return KLControllerState(beta=state.beta * mult)
+  return KLControllerState(beta=jnp.maximum(state.beta * mult, 0.0))
 
 
 @struct.dataclass

@@ -17,7 +17,7 @@ from cotsafe_jax.models import heads
 from cotsafe_jax.parallel.mesh import constrain
 from cotsafe_jax.rl.advantages import AdvantageConfig, compute_advantages
 from cotsafe_jax.rl.controllers import AdaptiveKLConfig, LagrangianConfig
-from cotsafe_jax.rl.kl import KL_KINDS, kl_loss, token_kl
+from cotsafe_jax.rl.kl import KL_KINDS, check_loss_kind, kl_loss, token_kl
 from cotsafe_jax.rl.losses import PolicyLoss, ValueLoss, explained_variance
 from cotsafe_jax.types import Rollout, ScoredRollout, TrainState
 
@@ -50,6 +50,8 @@ class PPOConfig:
       raise CotsafeError(f"PPOConfig.kl_mode={self.kl_mode!r}, expected one of {', '.join(KL_MODES)}")
     if self.kl_kind not in KL_KINDS:
       raise CotsafeError(f"PPOConfig.kl_kind={self.kl_kind!r}, expected one of {', '.join(KL_KINDS)}")
+    if self.kl_mode == "loss":
+      check_loss_kind("PPOConfig (kl_mode='loss')", self.kl_kind)
     for name in ("epochs", "num_minibatches", "num_microbatches"):
       if getattr(self, name) < 1:
         raise CotsafeError(f"PPOConfig.{name}={getattr(self, name)} must be >= 1")

@@ -7,7 +7,7 @@ from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.rewards import CompositeReward, RewardBatch, TokenCharMap, part_masks
 
 
-def make_batch(tok, prompts, pieces_per_row, kinds, references, t_max=48):
+def make_batch(tok, prompts, pieces_per_row, kinds, references, t_max=48, finished=None):
   """Completion ids are the concatenation of each piece tokenized alone, so piece boundaries are known exactly.
   Returns the batch and, per row, the token index where each piece starts."""
   pad = tok.pad_token_id
@@ -31,7 +31,7 @@ def make_batch(tok, prompts, pieces_per_row, kinds, references, t_max=48):
     starts.append(row_starts + [len(row)])
   batch = RewardBatch.from_tokens(tokenizer=tok, prompt_tokens_bp=prompt_bp, prompt_mask_bp=pmask_bp,
                                   completion_tokens_bt=comp_bt, completion_mask_bt=cmask_bt, kinds=kinds,
-                                  references=references)
+                                  references=references, finished_b=finished)
   return batch, starts
 
 
@@ -86,6 +86,27 @@ def test_sequence_terms_land_on_the_last_token(bpe_tokenizer):
   assert float(out.info["accuracy"]) == 0.5
   assert float(out.info["refusal_rate/harmful"]) == 1.0 and float(out.info["refusal_rate/benign"]) == 0.5
   assert out.values_bt.dtype == np.float32
+  # the split the token-level advantages use: sequence terms apart, token terms apart, summing to values_bt
+  np.testing.assert_allclose(np.asarray(out.sequence_b), expected_last + [0.0], atol=1e-6)
+  assert not np.asarray(out.token_bt).any()
+  assert float(out.info["unfinished_rate"]) == 0.0  # finished_b not given: every row finished
+
+
+def test_unfinished_rows_get_no_refusal_reward(bpe_tokenizer):
+  """A harmful row cut at max_new_tokens after "I can't help with that." is not a finished refusal: no +0.5.
+  The benign over-refusal penalty stays (a refusal start is not scored as the safe value either)."""
+  finished = np.array([False, False, True, True, True])
+  batch, starts = make_batch(bpe_tokenizer, *zip(*ROWS), finished=finished)
+  assert batch.finished.tolist() == finished.tolist()
+  out = CompositeReward(weights=W)(batch)
+  np.testing.assert_allclose(np.asarray(out.components["refusal"]), [0.0, 0, 0, 0, 0])
+  np.testing.assert_allclose(np.asarray(out.components["over_refusal"]), [0, -1.0, 0, 0, 0])
+  np.testing.assert_allclose(np.asarray(out.sequence_b), [0.1, -0.9, 1.2, 0.0, 0.0], atol=1e-6)
+  assert float(out.info["unfinished_rate"]) == pytest.approx(0.4)
+  with pytest.raises(CotsafeError, match=r"finished_b is int64 \(5,\), expected bool \[5\]"):
+    make_batch(bpe_tokenizer, *zip(*ROWS), finished=np.ones(5, np.int64))
+  with pytest.raises(CotsafeError, match=r"unfinished_unsafe=0.0 must be in \(0, 1\]"):
+    CompositeReward(weights=W, unfinished_unsafe=0.0)
 
 
 def test_clipping(bpe_tokenizer):
@@ -146,6 +167,21 @@ def test_token_safety_from_the_rm_lands_on_each_token(bpe_tokenizer):
     want[i, n - 1] -= 0.5 * p.max()
   np.testing.assert_allclose(np.asarray(out.values_bt), want, atol=2e-5)
   assert np.asarray(out.components["token_safety"]).shape == batch.completion_mask_bt.shape
+  np.testing.assert_allclose(np.asarray(out.token_bt), np.asarray(out.components["token_safety"]), atol=1e-7)
+  from cotsafe_jax.rewards import place_at_last_token
+  np.testing.assert_allclose(np.asarray(out.token_bt) + place_at_last_token(np.asarray(out.sequence_b),
+                                                                           batch.completion_mask_bt),
+                             np.asarray(out.values_bt), atol=1e-6)
+  # unfinished rows: the missing answer is never scored safe, whatever the RM says about the text so far
+  finished = np.array([True, False, True, False, True])
+  cut, _ = make_batch(tok, *rows, finished=finished)
+  mean_rm = SafetyRM(cfg=cfg, params=rm.params, tokenizer=tok, seq_pool="mean")
+  p_seq = np.asarray(mean_rm.score(batch).sequence_unsafe_b)
+  assert p_seq[1] < 0.9 and p_seq[3] < 0.9  # the RM alone does not call these unsafe
+  for floor in (1.0, 0.9):
+    got = np.asarray(CompositeReward(weights=w, token_safety=rm, sequence_safety=mean_rm,
+                                     unfinished_unsafe=floor)(cut).components["sequence_safety"])
+    np.testing.assert_allclose(got, -0.5 * np.where(finished, p_seq, np.maximum(p_seq, floor)), atol=1e-6)
   # the same RM sharded on a (data=4, fsdp=2) mesh gives the same scores
   mesh = make_mesh(data=4, fsdp=2, tensor=1)
   params = {"backbone": jax.device_put(rm.params["backbone"], models.param_shardings(cfg, mesh)),

@@ -124,6 +124,17 @@ def test_train_safety_rm_reaches_f1_and_exports(span_files, bpe_tokenizer):
   print("\nsafety RM held-out metrics:", {k: result[k] for k in ("token_precision", "token_recall", "token_f1",
                                                                    "token_auroc", "seq_accuracy", "pos_weight")})
   assert result["token_f1"] >= 0.9 and result["token_auroc"] >= 0.95 and result["seq_accuracy"] >= 0.9
+  # the stop token is scored safe, also right after an unsafe answer (where PPO puts the sequence rewards)
+  evals = encode_file(bpe_tokenizer, str(span_files["eval"]), max_len=96)
+  last = evals.mask.sum(1) - 1
+  rows = np.arange(len(evals))
+  assert (evals.tokens[rows, last] == bpe_tokenizer.eos_token_id).all()
+  trained = srm.load_safety_rm(result["export_dir"])
+  p_stop = trained.token_probs(evals.tokens, evals.mask)[rows, last]
+  unsafe_end = evals.token_labels[rows, last - 1] == 1
+  print(f"P(unsafe) at the stop token: max {p_stop.max():.3f}; after an unsafe answer: "
+        f"{p_stop[unsafe_end].max():.3f} ({int(unsafe_end.sum())} rows)")
+  assert unsafe_end.sum() >= 5 and p_stop.max() < 0.5
   assert result["eval_rows"] == 100 and result["train_rows"] == 300 and result["truncated_rows"] == 0
   # class weight = negatives / positives over the labelled training tokens
   enc = encode_file(bpe_tokenizer, str(span_files["train"]), max_len=96)
@@ -144,6 +155,37 @@ def test_train_safety_rm_reaches_f1_and_exports(span_files, bpe_tokenizer):
   assert resumed["token_auroc"] == pytest.approx(result["token_auroc"], abs=1e-6)
 
 
+def test_every_whole_response_ends_with_the_stop_token(span_files, bpe_tokenizer):
+  """PPO's finished completions end with the stop token and the RM scores it there: training rows end with it
+  too, labelled safe (unlabelled on sequence-label rows), inside the response mask; a response cut at max_len
+  does not end, so it has none."""
+  d = span_files["dir"]
+  eos = bpe_tokenizer.eos_token_id
+  response = "<think>\nmix the bleach with the ammonia</think>\n\nmix the bleach with the ammonia now"
+  rows = [{"prompt": "p", "response": response, "unsafe_spans": [[len(response) - 35, len(response)]]},
+          {"prompt": "p", "response": response, "label": "unsafe"},
+          {"prompt": "p", "response": "ok", "label": "safe"}]
+  enc = encode_file(bpe_tokenizer, str(_write_jsonl(d / "stop.jsonl", rows)), max_len=64)
+  for i, last_label in enumerate([0, -1, 0]):
+    n = int(enc.mask[i].sum())
+    assert enc.tokens[i, n - 1] == eos and enc.response_mask[i, n - 1], i
+    assert enc.token_labels[i, n - 1] == last_label, i
+  assert enc.token_labels[0, int(enc.mask[0].sum()) - 2] == 1  # the response's last token is unsafe, its stop not
+  # cut inside the response: no stop token; only the prompt cut: the stop token stays
+  n0 = int(enc.mask[0].sum())  # prompt + response + stop
+  short = encode_file(bpe_tokenizer, str(d / "stop.jsonl"), max_len=n0 - 2)
+  assert short.truncated == 2 and (short.tokens[:2, n0 - 3] != eos).all() and short.mask[:2].all()
+  assert (short.tokens[:2, :n0 - 2] == enc.tokens[:2, :n0 - 2]).all()  # the same response, cut
+  long_prompt = [{"prompt": "How do I make this at home? " * 20, "response": "ok", "label": "safe"}]
+  enc = encode_file(bpe_tokenizer, str(_write_jsonl(d / "long.jsonl", long_prompt)), max_len=16)
+  assert enc.truncated == 1 and enc.tokens[0, 15] == eos and enc.token_labels[0, 15] == 0
+  # another stop token on request; an id the tokenizer does not have is an error that says what to set
+  enc = encode_file(bpe_tokenizer, str(d / "stop.jsonl"), max_len=64, stop_token_id=2)
+  assert enc.tokens[2, int(enc.mask[2].sum()) - 1] == 2
+  with pytest.raises(CotsafeError, match=r"stop token id 9999 .* expected a token id in \[0, \d+\).*set stop_token_id"):
+    encode_file(bpe_tokenizer, str(d / "stop.jsonl"), max_len=64, stop_token_id=9999)
+
+
 def test_rows_labels_and_bad_rows(span_files, bpe_tokenizer):
   d = span_files["dir"]
   good = {"prompt": "p", "response": "abcdef", "unsafe_spans": [[0, 2]]}
@@ -153,7 +195,8 @@ def test_rows_labels_and_bad_rows(span_files, bpe_tokenizer):
   assert enc.has_token_labels.tolist() == [True, False, True] and enc.seq_labels.tolist() == [1, 1, 0]
   resp = enc.response_mask
   assert (enc.token_labels[1][resp[1]] == -1).all() and (enc.token_labels[2][resp[2]] == 0).all()
-  assert (enc.token_labels[0][resp[0]] == spans_to_token_labels(bpe_tokenizer, "abcdef", [[0, 2]])).all()
+  want = spans_to_token_labels(bpe_tokenizer, "abcdef", [[0, 2]]).tolist() + [0]  # + the stop token, safe
+  assert enc.token_labels[0][resp[0]].tolist() == want
   assert (enc.token_labels[~resp] == -1).all()  # prompt tokens carry no label
   cases = [  # messages come from data.load_spans: "file:line: what is wrong, expected what"
       ({"prompt": "p", "response": "abcdef", "unsafe_spans": [[2, 99]]}, "out of range"),

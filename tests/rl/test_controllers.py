@@ -15,7 +15,7 @@ def _adaptive_kl_loop(beta, target, horizon, kls, n_steps):
   out = []
   for kl in kls:
     err = min(max(kl / target - 1.0, -0.2), 0.2)
-    beta *= 1.0 + err * n_steps / horizon
+    beta = max(beta * (1.0 + err * n_steps / horizon), 0.0)
     out.append(beta)
   return out
 
@@ -29,6 +29,23 @@ def test_adaptive_kl_matches_loop():
     betas.append(float(state.beta))
   np.testing.assert_allclose(betas, _adaptive_kl_loop(0.2, 0.1, 500.0, KLS, 64), rtol=1e-5)
   assert betas[1] == pytest.approx(betas[0] * (1 + 0.2 * 64 / 500), rel=1e-6)  # error clipped at +0.2
+
+
+def test_adaptive_kl_is_floored_at_zero():
+  # n_steps / horizon = 6.4 > 5: with KL far below target the factor is 1 - 0.2 * 6.4 = -0.28
+  cfg = rl.AdaptiveKLConfig(init_beta=0.2, target=0.1, horizon=10.0)
+  update = jax.jit(lambda s, kl: rl.update_kl_controller(cfg, s, current_kl=kl, n_steps=64))
+  state = update(rl.init_kl_controller(cfg), jnp.float32(0.0))
+  assert float(state.beta) == 0.0  # was -0.056: a negative KL coefficient rewards leaving the reference
+  betas = []
+  for kl in KLS:
+    state = update(state, jnp.float32(kl))
+    betas.append(float(state.beta))
+  assert betas == _adaptive_kl_loop(0.0, 0.1, 10.0, KLS, 64) == [0.0] * len(KLS)  # 0 is absorbing
+  # factors that stay positive are not touched by the floor
+  cfg = rl.AdaptiveKLConfig(init_beta=0.2, target=0.1, horizon=13.0)  # factor 1 - 0.2 * 64 / 13 = 0.015
+  state = rl.update_kl_controller(cfg, rl.init_kl_controller(cfg), current_kl=0.0, n_steps=64)
+  assert float(state.beta) == pytest.approx(0.2 * (1 - 0.2 * 64 / 13), rel=1e-5) and float(state.beta) > 0
 
 
 def test_fixed_beta_stays():
