@@ -45,8 +45,8 @@ def _table(source=None):
   samples, i = [], 0
   for prompt in HARMFUL:
     for j, (r, a, fin) in enumerate(prompt):
-      samples.append(_sample(i, j, "harmful", reasoning_unsafe=r, answer_unsafe=a, finished=fin, refused=a is S and j == 0,
-                             category="weapons" if i % 2 else "drugs", num_tokens=10 + i + j,
+      samples.append(_sample(i, j, "harmful", reasoning_unsafe=r, answer_unsafe=a, finished=fin,
+                             refused=a is S and j == 0, category="weapons" if i % 2 else "drugs", num_tokens=10 + i + j,
                              num_reasoning_tokens=3 + j, entropy_cot=0.5 + 0.1 * j, reflection=j == 1))
     i += 1
   for prompt in BENIGN:

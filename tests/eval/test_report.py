@@ -26,7 +26,8 @@ def _report(rng, benchmarks=("strongreject", "math500")):
                                                                                   "n_benign": 8, "n_reasoning": 16,
                                                                                   "n_samples": 160}}
   entry["metrics"]["entropy_cot"] = {"value": float(rng.uniform(0, 4)), "ci95": None, "n": 40}
-  entry["by_category"] = {"Violence": _metrics(rng, ("safety_rate_cot",), 7), "Algebra": _metrics(rng, ("accuracy",), 5)}
+  entry["by_category"] = {"Violence": _metrics(rng, ("safety_rate_cot",), 7),
+                          "Algebra": _metrics(rng, ("accuracy",), 5)}
   entry["by_benchmark"] = {b: {"metrics": _metrics(rng, ("safety_rate_cot", "safety_rate_answer") if i == 0 else
                                                    ("accuracy",), 20),
                                "by_category": {"c": _metrics(rng, ("accuracy",), 3)}, "counts": {"n": 20}}
