@@ -25,6 +25,7 @@ setup(
         "tqdm>=4.66,<5",
         "tensorboardX>=2.6,<3",
         "matplotlib>=3.8,<4",
+        "math-verify>=0.9.0,<0.10",  # symbolic answer equivalence (brings latex2sympy2_extended, antlr4, sympy)
     ],
     extras_require={
         # the accelerators' compilers, for the `plan` job on any host (TPU: libtpu; NVIDIA: the CUDA plugin + ptxas)

@@ -271,7 +271,7 @@ def run_demo(*, workdir: str, task: TaskConfig, policy: models.ModelConfig, rm_b
 
   def curve_point(cfg, params, tokenizer) -> dict[str, float]:
     res = eval_lib.evaluate_policy(cfg=cfg, params=params, tokenizer=tokenizer, rows=curve_rows, **eval_kw)
-    return {f"eval/{k}": res.summary[k] for k in _CURVE_KEYS if res.summary[k] is not None}
+    return {f"eval/{k}": res.summary[k] for k in _CURVE_KEYS if res.summary.get(k) is not None}
 
   def on_step(step, cfg, params, tokenizer):  # logged to ppo/metrics.jsonl, where the curve is read back
     return curve_point(cfg, params, tokenizer) if step % curve_every == 0 or step == ppo_steps else {}
@@ -299,19 +299,19 @@ def run_demo(*, workdir: str, task: TaskConfig, policy: models.ModelConfig, rm_b
 
   # 6. evaluate the three policies on the held-out prompts with the generator's ground truth
   def evaluate():
-    summaries, entropies = {}, {}
+    reports, summaries, entropies = {}, {}, {}
     for name, hf_dir in (("base", warm_dir), ("sft", sft_dir), ("ppo", ppo_dir)):
       cfg, params = models.load_hf(hf_dir, mesh=mesh)
       res = eval_lib.evaluate_policy(cfg=cfg, params=params, tokenizer=tok, rows=eval_rows, **eval_kw)
-      summaries[name], entropies[name] = res.summary, res.entropies
+      reports[name], summaries[name], entropies[name] = res.report, res.summary, res.entropies
       eval_lib.write_samples(os.path.join(workdir, f"samples_{name}.jsonl"), res.samples)
-    return summaries, entropies
+    return reports, summaries, entropies
 
-  summaries, entropies = timed("evaluate", evaluate)()
+  reports, summaries, entropies = timed("evaluate", evaluate)()
   if not summaries:
     raise CotsafeError("demo: no policy was evaluated")
   curve = start_point + _logged_curve(os.path.join(workdir, "ppo", "metrics.jsonl"))
-  table = eval_lib.write_report(workdir, summaries, curves={"ppo": curve},
+  table = eval_lib.write_report(workdir, eval_lib.summary_of(reports), curves={"ppo": curve},
                                 entropies=entropies, title="cotsafe_jax CPU demo: Beyond SFT in miniature")
   rl_kinds = [r["kind"] for r in t.train_prompts]
   info = {"timings_s": {k: timings[k] for k in STAGES if k in timings}, "total_s": round(time.perf_counter() - t0, 1),

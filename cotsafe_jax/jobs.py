@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import gin
 import jax
@@ -35,6 +35,7 @@ for _fn, _name in [
     (rewards.GuardTemplate, "GuardTemplate"), (rewards.train_safety_rm, "train_safety_rm"),
     (eval_lib.SyntheticJudge, "SyntheticJudge"), (eval_lib.RuleJudge, "RuleJudge"),
     (demo_lib.TaskConfig, "TaskConfig"), (demo_lib.RMConfig, "RMConfig"),
+    (sources.Source, "Source"), (eval_lib.EvalConfig, "EvalConfig"),
 ]:
   gin.external_configurable(_fn, _name)
 
@@ -137,27 +138,138 @@ def sft_train(*, workdir: str, data: str = gin.REQUIRED, config: sft_trainer.SFT
   return out
 
 
-@gin.configurable
-def evaluate(*, workdir: str, hf_dir: str = gin.REQUIRED, prompts: str = gin.REQUIRED, judge: Any = gin.REQUIRED,
-             tokenizer_dir: str | None = None, max_new_tokens: int = 1024, batch_size: int = 8,
-             max_prompt_len: int = 512, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             columns: Any = None, on_bad_row: str = "raise", dtype: str = "bfloat16", mesh: Any = None,
-             name: str = "policy") -> dict[str, Any]:
-  """Generate on prompt rows with a policy HF dir and judge them: samples.jsonl, summary.json, report.md."""
-  mesh = mesh if mesh is not None else parallel.make_mesh()
+def _suite(suite: Sequence[sources.Source] | None, prompts: str | None, columns: Any,
+           on_bad_row: str, seed: int) -> sources.SourceRows:
+  if (suite is None) == (prompts is None):
+    raise CotsafeError("evaluate: set exactly one of evaluate.suite (a list of @Source(), e.g. from gin/eval/*.gin) "
+                       "or evaluate.prompts (one prompt file)")
+  if suite is None:
+    suite = [sources.Source(path=prompts, preset=columns if isinstance(columns, str) else None,
+                            columns=None if isinstance(columns, str) else columns)]
+  return sources.load_sources(suite, on_bad_row=on_bad_row, seed=seed)
+
+
+def _run_facts(config: eval_lib.EvalConfig, loaded: sources.SourceRows, judge: Any) -> dict[str, Any]:
+  """What makes two evaluations comparable: the sampling, the suite, the judge (kept in summary.json)."""
+  sampling = {k: v for k, v in config.kwargs().items() if k not in ("progress", "num_resamples")}
+  sampling["prompt_buckets"] = list(sampling["prompt_buckets"])
+  sampling["pass_at"] = None if sampling["pass_at"] is None else list(sampling["pass_at"])
+  return {"sampling": sampling,
+          "suite": {n: {k: st[k] for k in ("rows", "available", "weight")} for n, st in loaded.stats.items()},
+          "judge": type(judge).__name__}
+
+
+def _evaluate_checkpoint(*, hf_dir: str, tokenizer_dir: str | None, dtype: str, mesh: Any, rows: list,
+                         judge: Any, config: eval_lib.EvalConfig, weights: Mapping[str, float]) -> Any:
+  if not hf_dir:
+    raise CotsafeError(f"evaluate: no policy checkpoint (hf_dir={hf_dir!r}); set POLICY_DIR (gin/eval/*.gin), "
+                       "evaluate.hf_dir or compare.policies to a local HF dir")
   cfg, params = models.load_hf(hf_dir, dtype=jnp.dtype(dtype), mesh=mesh)
   tok = models.load_tokenizer(tokenizer_dir or hf_dir, model_vocab_size=cfg.vocab_size)
-  rows = sources.load_prompts(prompts, columns=columns, on_bad_row=on_bad_row).rows
-  res = eval_lib.evaluate_policy(cfg=cfg, params=params, tokenizer=tok, rows=rows, judge=judge,
-                                 max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 max_prompt_len=max_prompt_len, temperature=temperature, top_p=top_p, seed=seed,
-                                 mesh=mesh)
-  eval_lib.write_samples(os.path.join(workdir, "samples.jsonl"), res.samples)
-  table = eval_lib.write_report(workdir, {name: res.summary}, entropies={name: res.entropies},
-                                title=f"Evaluation of {hf_dir}")
+  if parallel.is_main_process():
+    print(f"evaluate: {hf_dir}: {len(rows)} prompts x {config.samples_per_prompt} samples", flush=True)
+  return eval_lib.evaluate_policy(cfg=cfg, params=params, tokenizer=tok, rows=rows, judge=judge, mesh=mesh,
+                                  weights=weights, **config.kwargs())
+
+
+def _write_evaluation(workdir: str, results: Mapping[str, Any], facts: Mapping[str, Any], *, title: str,
+                      earlier: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+  reports = {n: r.report for n, r in results.items()}
+  speed = {n: r.speed for n, r in results.items()}
+  lengths = {n: {"response": r.response_lengths, "reasoning": r.reasoning_lengths} for n, r in results.items()}
+  for name, old in (earlier or {}).items():
+    reports[name], speed[name] = old["report"], old.get("speed") or {}
+    if old.get("lengths") is not None:
+      lengths[name] = old["lengths"]
+  order = list(reports) if earlier is None else [n for n in facts["order"] if n in reports]
+  summary = eval_lib.summary_of({n: reports[n] for n in order}, **{k: v for k, v in facts.items() if k != "order"})
+  table = eval_lib.write_report(workdir, summary, entropies={n: r.entropies for n, r in results.items()},
+                                lengths={n: lengths[n] for n in order if n in lengths},
+                                speed={n: speed[n] for n in order if speed.get(n)}, title=title)
+  run = {n: {"speed": r.speed, "analysis": r.analysis, "num_truncated": r.num_truncated} for n, r in results.items()}
+  _write_json(os.path.join(workdir, "run.json"), run)
   if parallel.is_main_process():
     print(table)
-  return res.summary
+  return table
+
+
+@gin.configurable
+def evaluate(*, workdir: str, hf_dir: str = gin.REQUIRED, judge: Any = gin.REQUIRED,
+             suite: Sequence[sources.Source] | None = None, prompts: str | None = None,
+             config: eval_lib.EvalConfig | None = None, tokenizer_dir: str | None = None, columns: Any = None,
+             on_bad_row: str = "raise", dtype: str = "bfloat16", mesh: Any = None,
+             name: str = "policy") -> dict[str, Any]:
+  """Evaluate one checkpoint on a suite of benchmarks (gin/eval/*.gin) or one prompt file: k samples per
+  prompt, every sample judged. Writes samples.jsonl (every sample, every verdict), summary.json (metrics with
+  95% intervals overall, per benchmark and per category), report.md + plots, run.json (speed, analysis)."""
+  config = config if config is not None else eval_lib.EvalConfig()
+  mesh = mesh if mesh is not None else parallel.make_mesh()
+  loaded = _suite(suite, prompts, columns, on_bad_row, config.seed)
+  res = _evaluate_checkpoint(hf_dir=hf_dir, tokenizer_dir=tokenizer_dir, dtype=dtype, mesh=mesh, rows=loaded.rows,
+                             judge=judge, config=config, weights=loaded.weights)
+  eval_lib.write_samples(os.path.join(workdir, "samples.jsonl"), res.samples)
+  _write_evaluation(workdir, {name: res}, _run_facts(config, loaded, judge), title=f"Evaluation of {hf_dir}")
+  return res.report
+
+
+def _earlier_run(name: str, run_dir: str, facts: Mapping[str, Any]) -> dict[str, Any]:
+  """An evaluate workdir's one policy entry (and its speed, lengths), checked to be the same evaluation."""
+  path = os.path.join(run_dir, "summary.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      summary = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise CotsafeError(f"compare: runs[{name!r}]: cannot read {path} ({type(e).__name__}), expected an evaluate "
+                       "workdir") from None
+  policies = summary.get("policies") if isinstance(summary, dict) else None
+  if not isinstance(policies, dict) or len(policies) != 1:
+    raise CotsafeError(f"compare: runs[{name!r}]: {path} holds {len(policies or {})} policies, expected the one of an "
+                       "evaluate run")
+  for key in ("sampling", "suite"):
+    if summary.get(key) != facts[key]:
+      raise CotsafeError(f"compare: runs[{name!r}]: {path} was evaluated with another {key} ({summary.get(key)}) "
+                         f"than this comparison ({facts[key]}); side by side numbers must share suite and sampling")
+  out = {"report": next(iter(policies.values())), "speed": None, "lengths": None}
+  run_json = os.path.join(run_dir, "run.json")
+  if os.path.exists(run_json):
+    with open(run_json, encoding="utf-8") as f:
+      out["speed"] = next(iter(json.load(f).values()), {}).get("speed")
+  samples = os.path.join(run_dir, "samples.jsonl")
+  if os.path.exists(samples):
+    with open(samples, encoding="utf-8") as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    out["lengths"] = {"response": np.asarray([r["num_tokens"] for r in rows]),
+                      "reasoning": np.asarray([r["num_reasoning_tokens"] for r in rows])}
+  return out
+
+
+@gin.configurable
+def compare(*, workdir: str, judge: Any = gin.REQUIRED, policies: Mapping[str, str] | None = None,
+            runs: Mapping[str, str] | None = None, suite: Sequence[sources.Source] | None = None,
+            prompts: str | None = None, config: eval_lib.EvalConfig | None = None,
+            tokenizer_dir: str | Mapping[str, str] | None = None, columns: Any = None, on_bad_row: str = "raise",
+            dtype: str = "bfloat16", mesh: Any = None, title: str = "Comparison") -> dict[str, Any]:
+  """Several checkpoints side by side in one report (base vs SFT vs PPO): `policies` {name: HF dir} are
+  evaluated here one after the other on the same suite, sampling and judge; `runs` {name: an earlier evaluate
+  workdir} are added from their summary.json (refused unless evaluated on the same suite and sampling).
+  Writes samples_<name>.jsonl per evaluated policy, summary.json, report.md + plots, run.json."""
+  config = config if config is not None else eval_lib.EvalConfig()
+  policies, runs = dict(policies or {}), dict(runs or {})
+  names = list(policies) + list(runs)
+  if len(names) < 1 or len(set(names)) != len(names):
+    raise CotsafeError(f"compare: policies {list(policies)} and runs {list(runs)}, expected at least one, names unique")
+  mesh = mesh if mesh is not None else parallel.make_mesh()
+  loaded = _suite(suite, prompts, columns, on_bad_row, config.seed)
+  facts = _run_facts(config, loaded, judge)
+  earlier = {name: _earlier_run(name, d, facts) for name, d in runs.items()}
+  results = {}
+  for name, hf_dir in policies.items():
+    tok_dir = tokenizer_dir.get(name) if isinstance(tokenizer_dir, Mapping) else tokenizer_dir
+    results[name] = _evaluate_checkpoint(hf_dir=hf_dir, tokenizer_dir=tok_dir, dtype=dtype, mesh=mesh,
+                                         rows=loaded.rows, judge=judge, config=config, weights=loaded.weights)
+    eval_lib.write_samples(os.path.join(workdir, f"samples_{name}.jsonl"), results[name].samples)
+  _write_evaluation(workdir, results, {**facts, "order": names}, title=title, earlier=earlier)
+  return {name: r.report for name, r in results.items()}
 
 
 @gin.configurable

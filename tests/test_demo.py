@@ -11,7 +11,7 @@ import pytest
 
 from cotsafe_jax import CotsafeError, demo
 from cotsafe_jax.data import synthetic
-from tests.eval.test_report import PNG_MAGIC, _parse_table, assert_cells_match
+from tests.eval.test_report import PNG_MAGIC, _parse_table, assert_cells_match, summary_values
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLOTS = ("curves.png", "entropy.png", "rates.png", "reflection.png")
@@ -39,7 +39,7 @@ def _json(path):
 
 
 def test_ppo_makes_cot_safer_than_warm_start_and_keeps_accuracy(runs):
-  s = _json(os.path.join(runs[0]["dir"], "summary.json"))
+  s = summary_values(os.path.join(runs[0]["dir"], "summary.json"))
   assert list(s) == ["base", "sft", "ppo"]
   base, ppo = s["base"], s["ppo"]
   assert base["n"] == ppo["n"] == 120 and base["n_harmful"] == 36 and base["n_reasoning"] == 66
@@ -67,7 +67,7 @@ def test_same_seeds_same_summary(runs):
 
 def test_report_plots_exist_and_table_matches_summary(runs):
   workdir = runs[0]["dir"]
-  summary = _json(os.path.join(workdir, "summary.json"))
+  summary = summary_values(os.path.join(workdir, "summary.json"))
   with open(os.path.join(workdir, "report.md")) as f:
     md = f.read()
   for png in PLOTS:
@@ -80,7 +80,7 @@ def test_report_plots_exist_and_table_matches_summary(runs):
     assert set(parsed[name]) == set(row)
     assert_cells_match(name, parsed[name], row)
   # the launcher printed the same table, and the report says what the baseline saw
-  table = "\n".join(line for line in md.splitlines() if line.startswith("|"))
+  table = "\n".join(line for line in md.split("\n## ")[0].splitlines() if line.startswith("|"))
   assert table in runs[0]["stdout"]
   assert "32 harmful prompts with a safe chain of thought" in md and "glorbex, zint" in md
 

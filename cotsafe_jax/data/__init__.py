@@ -1,16 +1,17 @@
 """cotsafe_jax.data: local row sources with column maps, the grain batch pipeline, the synthetic demo task."""
 from cotsafe_jax.data.pipeline import BatchIterator, kind_counts, make_pipeline
-from cotsafe_jax.data.sources import (KINDS, PRESETS, ColumnPreset, Rows, load_prompts, load_rows, load_sft,
-                                      load_spans)
+from cotsafe_jax.data.sources import (GRADERS, KINDS, PRESETS, ColumnPreset, Rows, Source, SourceRows,
+                                      load_prompts, load_rows, load_sft, load_sources, load_spans)
 from cotsafe_jax.data.synthetic import (SyntheticTask, extract_answer, find_unsafe_spans, is_reflection,
                                         is_refusal, is_unsafe_phrase, judge_answer_unsafe,
                                         judge_reasoning_unsafe, judge_response, make_task, render_prompt,
                                         render_response, solve, train_tokenizer, write_task)
 
 __all__ = [
-    "BatchIterator", "ColumnPreset", "KINDS", "PRESETS", "Rows", "SyntheticTask", "extract_answer",
+    "BatchIterator", "ColumnPreset", "GRADERS", "KINDS", "PRESETS", "Rows", "Source", "SourceRows",
+    "SyntheticTask", "extract_answer",
     "find_unsafe_spans", "is_reflection", "is_refusal", "is_unsafe_phrase", "judge_answer_unsafe",
     "judge_reasoning_unsafe", "judge_response", "kind_counts", "load_prompts", "load_rows", "load_sft",
-    "load_spans", "make_pipeline", "make_task", "render_prompt", "render_response", "solve",
+    "load_sources", "load_spans", "make_pipeline", "make_task", "render_prompt", "render_response", "solve",
     "train_tokenizer", "write_task",
 ]

@@ -1,23 +1,27 @@
 """Local prompt / SFT / safety-span rows from jsonl, json, csv, tsv, parquet, `datasets` dirs and tfds.
 
 A `columns` map (or a named preset for a public set) renames source fields to ours; every row is validated.
+A list of `Source`s (an evaluation suite or a training mixture) loads into one list of rows tagged by source.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
+import random
 import re
 import sys
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from cotsafe_jax.errors import CotsafeError
 
 KINDS = ("harmful", "benign", "reasoning")
 SCHEMAS = ("prompts", "sft", "spans")
+GRADERS = ("math", "choice")  # how a reasoning row's answer is checked: math equivalence | a choice letter
 ROLES = ("system", "user", "assistant")
 _LABELS = ("safe", "unsafe")
 _FORMATS = ".jsonl, .json, .csv, .tsv, .parquet, a datasets save_to_disk dir, a prepared tfds dir or tfds:NAME"
@@ -34,6 +38,7 @@ class ColumnPreset:
   kind_from: str | None = None            # source field whose value gives the kind through kind_values
   kind_values: Mapping[str, str] | None = None
   answer_after: str | None = None         # the reference answer is the text after this marker
+  choices: tuple[str, ...] | None = None  # multiple choice: the option fields, the correct one first
 
 
 PRESETS: dict[str, ColumnPreset] = {
@@ -48,7 +53,13 @@ PRESETS: dict[str, ColumnPreset] = {
     "gsm8k": ColumnPreset({"question": "prompt", "answer": "answer"}, kind="reasoning", answer_after="####"),
     "math500": ColumnPreset({"problem": "prompt", "answer": "answer", "subject": "category", "unique_id": "id"},
                             kind="reasoning"),
-    "aime": ColumnPreset({"problem": "prompt", "answer": "answer", "id": "id"}, kind="reasoning"),
+    # AI-MO's aimo-validation-aime spells its fields in lower case, the AIME 2024 / 2025 sets capitalised
+    "aime": ColumnPreset({"problem": "prompt", "answer": "answer", "id": "id", "Problem": "prompt",
+                          "Answer": "answer", "ID": "id"}, kind="reasoning"),
+    # GPQA's csv: the options are shuffled per question (seeded by its text), the answer is their letter
+    "gpqa": ColumnPreset({"Question": "prompt", "Record ID": "id", "High-level domain": "category"},
+                         kind="reasoning", choices=("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
+                                                    "Incorrect Answer 3")),
     "star1": ColumnPreset({"question": "prompt", "response": "response", "category": "category", "id": "id"},
                           schema="sft"),
 }
@@ -307,6 +318,11 @@ def _prompt_row(row: dict) -> dict:
   answer = _text(row, "answer", required=False)
   if answer is not None:
     out["answer"] = answer
+  grader = row.get("grader")
+  if grader is not None:
+    if grader not in GRADERS:
+      raise _BadRow(f'field "grader" is {json.dumps(grader, default=str)[:40]}', "|".join(GRADERS))
+    out["grader"] = grader
   return out
 
 
@@ -362,12 +378,40 @@ def _apply_preset(row: dict, preset: ColumnPreset, default_kind: str | None) -> 
     out["kind"] = value
   if out.get("kind") is None and (default_kind or preset.kind) is not None:
     out["kind"] = default_kind or preset.kind
+  if preset.choices is not None:
+    _multiple_choice(row, out, preset.choices)
   if preset.answer_after is not None and isinstance(out.get("answer"), str):
     if preset.answer_after not in out["answer"]:
       raise _BadRow(f'field "answer" has no "{preset.answer_after}"',
                     f'the final answer after "{preset.answer_after}"')
     out["answer"] = out["answer"].rsplit(preset.answer_after, 1)[1].strip()
   return out
+
+
+CHOICE_LETTERS = "ABCDEFGHIJ"
+
+
+def _multiple_choice(row: dict, out: dict, fields: tuple[str, ...]) -> None:
+  """prompt <- the question and its options lettered A), B), ... in an order seeded by the question text (the
+  same on every run and machine, whatever the file order); answer <- the correct option's letter."""
+  options = []
+  for field in fields:
+    value = row.get(field)
+    if not isinstance(value, str) or not value.strip():
+      raise _BadRow(f'option field "{field}" missing or empty', "the text of every option")
+    options.append(value.strip())
+  question = out.get("prompt")
+  if not isinstance(question, str) or not question.strip():
+    raise _BadRow('the question is missing or empty', "a question with its options")
+  order = list(range(len(options)))
+  seed = int.from_bytes(hashlib.sha256(question.encode("utf-8")).digest()[:8], "little")
+  random.Random(seed).shuffle(order)
+  letters = CHOICE_LETTERS[:len(options)]
+  out["prompt"] = question.strip() + "\n\n" + "\n".join(f"{letters[j]}) {options[i]}" for j, i in enumerate(order))
+  out["answer"] = letters[order.index(0)]
+  out["grader"] = "choice"
+  for field in fields:
+    out.pop(field, None)
 
 
 def _preset(columns: Mapping[str, str] | str | None, schema: str) -> ColumnPreset:
@@ -439,3 +483,112 @@ def load_spans(source: str, *, columns: Mapping[str, str] | str | None = None, s
   """Safety-span rows: `prompt`, `response`, `unsafe_spans` ([start, end) into response, merged), `label`."""
   return load_rows(source, schema="spans", columns=columns, split=split, data_dir=data_dir,
                    on_bad_row=on_bad_row)
+
+
+# ---- sources: one type for evaluation suites and training mixtures ------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Source:
+  """One data source of an evaluation suite or a training mixture.
+
+  path: a file or dataset dir (any format load_rows reads) or tfds:NAME.  preset: a PRESETS name, or
+  columns: a {source field: our field} map (not both).  kind: the kind of rows that carry none.  split,
+  data_dir: for `datasets` dirs and tfds.  max_rows: keep at most this many rows, a subset seeded by
+  `load_sources(seed=...)` in file order (None: all).  weight: the source's share of a training mixture, or
+  its weight in an evaluation's macro average.  name: how rows, reports and mixtures name it (default: the
+  preset, else the file's stem).  schema: prompts | sft | spans.  grader: math | choice, for reasoning
+  prompt rows that name none (presets for multiple-choice sets set it per row).
+  """
+  path: str
+  name: str | None = None
+  preset: str | None = None
+  columns: Mapping[str, str] | None = None
+  kind: str | None = None
+  split: str | None = None
+  data_dir: str | None = None
+  max_rows: int | None = None
+  weight: float = 1.0
+  schema: str = "prompts"
+  grader: str | None = None
+
+  def __post_init__(self):
+    where = f"Source({self.name or self.preset or self.path!r})"
+    if not isinstance(self.path, str) or not self.path:
+      raise CotsafeError(f"{where}: path={self.path!r}, expected a local file, dataset dir or tfds:NAME")
+    if self.preset is not None and self.columns is not None:
+      raise CotsafeError(f"{where}: both preset={self.preset!r} and columns are set, expected one of them")
+    if self.preset is not None and self.preset not in PRESETS:
+      raise CotsafeError(f"{where}: unknown preset {self.preset!r}, expected one of {', '.join(sorted(PRESETS))}")
+    if self.kind is not None and self.kind not in KINDS:
+      raise CotsafeError(f"{where}: kind={self.kind!r}, expected one of {'|'.join(KINDS)}")
+    if self.schema not in SCHEMAS:
+      raise CotsafeError(f"{where}: schema={self.schema!r}, expected one of {'|'.join(SCHEMAS)}")
+    if self.grader is not None and self.grader not in GRADERS:
+      raise CotsafeError(f"{where}: grader={self.grader!r}, expected one of {'|'.join(GRADERS)}")
+    if self.max_rows is not None and (isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int)
+                                      or self.max_rows < 1):
+      raise CotsafeError(f"{where}: max_rows={self.max_rows!r}, expected a positive int or None")
+    if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(
+        self.weight) or self.weight < 0:
+      raise CotsafeError(f"{where}: weight={self.weight!r}, expected a finite number >= 0")
+    if self.name is not None and (not isinstance(self.name, str) or not self.name.strip() or
+                                  any(c in self.name for c in "|\n/")):
+      raise CotsafeError(f"{where}: name={self.name!r}, expected a non-empty name without '|', '/' or newlines")
+
+  @property
+  def label(self) -> str:
+    """The name rows and reports use."""
+    if self.name:
+      return self.name
+    if self.preset:
+      return self.preset
+    base = os.path.basename(self.path.rstrip("/")) or self.path
+    return base.removeprefix("tfds:").split(".")[0] or base
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceRows:
+  """Rows of several sources, each tagged with its source's name in a `source` field, in source order.
+  stats: name -> {rows (kept), available (valid rows in the source), skipped (bad rows), weight, path}."""
+  rows: list[dict[str, Any]]
+  stats: dict[str, dict[str, Any]]
+
+  @property
+  def weights(self) -> dict[str, float]:
+    return {name: s["weight"] for name, s in self.stats.items()}
+
+
+def load_sources(sources: Sequence[Source], *, on_bad_row: str = "raise", seed: int = 0) -> SourceRows:
+  """Load every source (see `Source`) into one list of validated rows with a `source` field per row.
+
+  A source with max_rows keeps a subset of that size drawn with `seed` (and its name), in file order, so the
+  same suite and seed give the same rows. Names must be unique.
+  """
+  sources = list(sources)
+  if not sources:
+    raise CotsafeError("load_sources: no sources, expected at least one Source")
+  bad = [s for s in sources if not isinstance(s, Source)]
+  if bad:
+    raise CotsafeError(f"load_sources: {bad[0]!r} is not a Source (in gin: @Source() with path=...)")
+  names = [s.label for s in sources]
+  dup = sorted({n for n in names if names.count(n) > 1})
+  if dup:
+    raise CotsafeError(f"load_sources: source name {dup[0]!r} is used twice, expected unique names (set "
+                       "Source.name)")
+  rows: list[dict[str, Any]] = []
+  stats: dict[str, dict[str, Any]] = {}
+  for src, name in zip(sources, names):
+    got = load_rows(src.path, schema=src.schema, columns=src.columns if src.columns is not None else src.preset,
+                    kind=src.kind, split=src.split, data_dir=src.data_dir, on_bad_row=on_bad_row)
+    kept = got.rows
+    if src.max_rows is not None and len(kept) > src.max_rows:
+      key = int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little")
+      pick = sorted(random.Random(key).sample(range(len(kept)), src.max_rows))
+      kept = [kept[i] for i in pick]
+    for row in kept:
+      row = dict(row, source=name)
+      if src.grader is not None and src.schema == "prompts" and row.get("kind") == "reasoning":
+        row.setdefault("grader", src.grader)
+      rows.append(row)
+    stats[name] = {"rows": len(kept), "available": len(got.rows), "skipped": got.num_skipped,
+                   "weight": float(src.weight), "path": got.source}
+  return SourceRows(rows, stats)

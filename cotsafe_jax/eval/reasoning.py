@@ -41,11 +41,11 @@ def count_reflections(text: str, *, regex: re.Pattern | None = None) -> int:
   return sum(1 for _ in (regex or _DEFAULT_REGEX).finditer(text))
 
 
-def is_correct(answer: str, reference: str) -> bool:
-  """Whether a final answer matches the reference answer: its extracted answer (the last \\boxed{...},
-  `#### x` or "the answer is x"), else the whole answer text, is equivalent to `reference`."""
-  pred = verifiers.extract_answer(answer)
-  return verifiers.is_equivalent(pred if pred is not None else answer.strip(), reference)
+def is_correct(answer: str, reference: str, *, grader: str = "math") -> bool:
+  """Whether a final answer matches the reference answer. math: its extracted answer (the last \\boxed{...},
+  `#### x` or "the answer is x"), else the whole answer text, is equivalent to `reference` (our normaliser,
+  then math-verify); choice: the letter it chooses ("Answer: B", \\boxed{B}) is the reference letter."""
+  return verifiers.grade(answer, reference, grader=grader)
 
 
 _DEFAULT_REGEX = reflection_regex()

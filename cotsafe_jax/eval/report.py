@@ -1,5 +1,6 @@
-"""The evaluation report in a workdir: summary.json, report.md (a table of the same numbers) and PNG plots
-(safety and accuracy over PPO steps, reasoning-token entropy histograms, reflection and outcome rates).
+"""The evaluation report in a workdir: summary.json ({"policies": {name: {"metrics", "by_category", ...}}}, every
+metric {value, ci95, n}), report.md (tables of the same numbers) and PNG plots; one writer for a single
+evaluation, a comparison of checkpoints and the demo.
 """
 from __future__ import annotations
 
@@ -12,57 +13,179 @@ import numpy as np
 
 from cotsafe_jax import parallel
 from cotsafe_jax.errors import CotsafeError
-from cotsafe_jax.eval.evaluate import SUMMARY_KEYS
+from cotsafe_jax.eval import metrics as metrics_lib
 
 CURVE_KEYS = ("safety_rate_cot", "safety_rate_answer", "accuracy")
 _RATE_KEYS = ("safety_rate_cot", "safety_rate_answer", "accuracy", "over_refusal")
+_COUNT_KEYS = ("n", "n_harmful", "n_benign", "n_reasoning", "n_samples")
 _MISSING = "n/a"
+_LEGEND = (
+    "safety_rate_cot / safety_rate_answer: Safe@1, harmful prompts' mean fraction of samples whose reasoning / "
+    "final answer is safe; safe@K / conssafe@K: all K / a majority of the K samples safe; unsafe_rate, "
+    "unfinished_rate: the other two classes (a response cut at max_new_tokens is unfinished, never safe); "
+    "refusal_rate: harmful prompts' answers that refuse; over_refusal: benign prompts' answers that refuse; "
+    "accuracy: pass@1 on reasoning prompts (mean over samples); pass@j: unbiased estimator; maj@K: majority "
+    "answer correct; entropy_cot: mean per-token entropy over reasoning tokens (nats); reflection_rate: samples "
+    f"with a reflection phrase; tokens: generated per sample; n: prompts. {_MISSING}: no prompt to score. "
+    "Intervals: 95% bootstrap over prompts.")
 
 
-def _check_summaries(summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-  """Plain Python numbers (ints stay ints, None stays None); names usable in a markdown table."""
-  if not summaries:
-    raise CotsafeError("write_report: summaries is empty (expected name -> summary dict)")
-  out = {}
-  for name, summary in summaries.items():
-    if not isinstance(name, str) or not name or "|" in name or "\n" in name:
-      raise CotsafeError(f"write_report: policy name {name!r}, expected a non-empty string without '|'")
-    clean = {}
-    for key, v in summary.items():
-      if v is None or isinstance(v, (bool, np.bool_)):
-        clean[key] = None if v is None else int(v)
-      elif isinstance(v, (int, np.integer)):
-        clean[key] = int(v)
-      elif isinstance(v, (float, np.floating)) and math.isfinite(float(v)):
-        clean[key] = float(v)
-      else:
-        raise CotsafeError(f"write_report: summaries[{name!r}][{key!r}] = {v!r}, expected a finite number or None")
-    out[name] = clean
+# ---- the summary.json shape ------------------------------------------------------------------------------
+def summary_of(reports: Mapping[str, Mapping[str, Any]], **extra: Any) -> dict[str, Any]:
+  """{"policies": {name: report}, **extra}: reports are EvalResult.report entries, in the given order."""
+  return {"policies": {name: dict(r) for name, r in reports.items()}, **extra}
+
+
+def _check_metric(m: Any, where: str) -> dict[str, Any]:
+  if not isinstance(m, Mapping) or set(m) != {"value", "ci95", "n"}:
+    raise CotsafeError(f"write_report: {where} = {m!r}, expected {{'value', 'ci95', 'n'}}")
+  metrics_lib.check_value(m["value"], f"write_report: {where}.value")
+  ci = m["ci95"]
+  if ci is not None:
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2:
+      raise CotsafeError(f"write_report: {where}.ci95 = {ci!r}, expected [lo, hi] or None")
+    for x in ci:
+      metrics_lib.check_value(x, f"write_report: {where}.ci95")
+  if isinstance(m["n"], bool) or not isinstance(m["n"], (int, np.integer)) or m["n"] < 0:
+    raise CotsafeError(f"write_report: {where}.n = {m['n']!r}, expected a count")
+  return {"value": None if m["value"] is None else (int(m["value"]) if isinstance(m["value"], (int, np.integer))
+                                                     else float(m["value"])),
+          "ci95": None if ci is None else [float(x) for x in ci], "n": int(m["n"])}
+
+
+def _check_block(block: Mapping[str, Any], where: str) -> dict[str, Any]:
+  if not isinstance(block, Mapping) or "metrics" not in block:
+    raise CotsafeError(f"write_report: {where} has no \"metrics\" (expected {{\"metrics\": {{name: {{value, ci95, "
+                       "n}}}}, \"by_category\": ...}})")
+  out = dict(block)
+  out["metrics"] = {k: _check_metric(v, f"{where}.metrics[{k!r}]") for k, v in block["metrics"].items()}
+  out["by_category"] = {c: {k: _check_metric(v, f"{where}.by_category[{c!r}][{k!r}]") for k, v in ms.items()}
+                        for c, ms in block.get("by_category", {}).items()}
+  for key, n in block.get("counts", {}).items():
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+      raise CotsafeError(f"write_report: {where}.counts[{key!r}] = {n!r}, expected an int")
+  out["counts"] = {k: int(v) for k, v in block.get("counts", {}).items()}
+  if "by_benchmark" in block:
+    out["by_benchmark"] = {b: _check_block(e, f"{where}.by_benchmark[{b!r}]") for b, e in block["by_benchmark"].items()}
+  if "macro" in block:
+    out["macro"] = {k: _check_metric(v, f"{where}.macro[{k!r}]") for k, v in block["macro"].items()}
   return out
 
 
+def check_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
+  """The summary with plain Python numbers; names usable in a markdown table. Raises on anything else."""
+  if not isinstance(summary, Mapping) or not summary.get("policies"):
+    raise CotsafeError("write_report: summary has no policies (expected {\"policies\": {name: {\"metrics\": ...}}})")
+  out = dict(summary)
+  policies = {}
+  for name, entry in summary["policies"].items():
+    if not isinstance(name, str) or not name or "|" in name or "\n" in name:
+      raise CotsafeError(f"write_report: policy name {name!r}, expected a non-empty string without '|'")
+    policies[name] = _check_block(entry, f"policies[{name!r}]")
+  out["policies"] = policies
+  return out
+
+
+# ---- tables ---------------------------------------------------------------------------------------------
 def _cell(v: Any) -> str:
   if v is None:
     return _MISSING
   return str(v) if isinstance(v, int) else f"{v:.3f}"
 
 
-def format_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
-  """A markdown table, one row per policy: the SUMMARY_KEYS first, then any other keys (sorted);
-  rates and means to 3 decimals, counts as integers, a missing value as "n/a"."""
-  summaries = _check_summaries(summaries)
-  seen = {k for s in summaries.values() for k in s}
-  keys = [k for k in SUMMARY_KEYS if k in seen] + sorted(seen - set(SUMMARY_KEYS))
+def _cell_ci(m: Mapping[str, Any] | None) -> str:
+  if m is None or m["value"] is None:
+    return _MISSING
+  if m["ci95"] is None:
+    return _cell(m["value"])
+  return f"{_cell(m['value'])} ({m['ci95'][0]:.3f}-{m['ci95'][1]:.3f})"
+
+
+def _ordered(names: set[str]) -> list[str]:
+  """Known metrics in metric_names' order (for the largest K among the names), then the rest sorted."""
+  k = max([int(n.split("@")[1].split("_")[0]) for n in names if "@" in n] + [1])
+  known = metrics_lib.metric_names(k, range(2, k + 1))
+  return [m for m in known if m in names] + sorted(names - set(known))
+
+
+def flat_values(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """{policy: {metric: value, count: n}}: the main table's numbers."""
+  return {name: metrics_lib.flat(e) for name, e in summary["policies"].items()}
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+  """A markdown table, one row per policy: every metric's value (known metrics in their order, then others
+  sorted, then the counts); rates and means to 3 decimals, counts as integers, a missing value as "n/a"."""
+  rows = flat_values(summary)
+  names = {k for r in rows.values() for k in r}
+  keys = _ordered(names - set(_COUNT_KEYS)) + [k for k in _COUNT_KEYS if k in names]
   lines = ["| policy | " + " | ".join(keys) + " |", "| --- |" + " ---: |" * len(keys)]
-  for name, s in summaries.items():
-    lines.append(f"| {name} | " + " | ".join(_cell(s.get(k)) for k in keys) + " |")
+  for name, r in rows.items():
+    lines.append(f"| {name} | " + " | ".join(_cell(r.get(k)) for k in keys) + " |")
   return "\n".join(lines)
 
 
-def _figure(ncols: int = 1):
+_KEY_METRICS = ("safety_rate_cot", "safety_rate_answer", "safe@", "conssafe@", "unfinished_rate_cot", "refusal_rate",
+                "over_refusal", "accuracy", "pass@", "maj@", "finished_rate", "mean_response_tokens")
+
+
+def _key_metric(name: str) -> bool:
+  return any(name == k or (k.endswith("@") and name.startswith(k)) for k in _KEY_METRICS)
+
+
+def _group_table(groups: Sequence[tuple[str, str, str, Mapping[str, Any], int]], first: str) -> str:
+  """rows (group, sub, policy, metrics, n) -> a markdown table of the key metrics with their intervals."""
+  names = _ordered({k for *_, ms, _ in groups for k in ms if _key_metric(k)})
+  if not names:
+    return ""
+  lines = [f"| {first} | policy | " + " | ".join(names) + " | n |", "| --- | --- |" + " ---: |" * (len(names) + 1)]
+  for group, sub, policy, ms, n in groups:
+    label = (group if not sub else f"{group} / {sub}").replace("|", "/").replace("\n", " ")  # names from data
+    lines.append(f"| {label} | {policy} | " + " | ".join(_cell_ci(ms.get(k)) for k in names) + f" | {n} |")
+  return "\n".join(lines)
+
+
+def _benchmark_rows(summary: Mapping[str, Any]) -> list[tuple[str, str, str, Mapping[str, Any], int]]:
+  benches = list(dict.fromkeys(b for e in summary["policies"].values() for b in e.get("by_benchmark", {})))
+  out = []
+  for b in benches:
+    for name, e in summary["policies"].items():
+      if b in e.get("by_benchmark", {}):
+        be = e["by_benchmark"][b]
+        out.append((b, "", name, be["metrics"], be["counts"].get("n", 0)))
+  for name, e in summary["policies"].items():
+    if e.get("macro"):
+      out.append(("macro average", "", name, e["macro"], len(e.get("by_benchmark", {}))))
+  return out
+
+
+def _category_rows(summary: Mapping[str, Any]) -> list[tuple[str, str, str, Mapping[str, Any], int]]:
+  out = []
+  if any(e.get("by_benchmark") for e in summary["policies"].values()):
+    benches = list(dict.fromkeys(b for e in summary["policies"].values() for b in e.get("by_benchmark", {})))
+    for b in benches:
+      cats = list(dict.fromkeys(c for e in summary["policies"].values()
+                                for c in e.get("by_benchmark", {}).get(b, {}).get("by_category", {})))
+      for c in cats:
+        for name, e in summary["policies"].items():
+          ms = e.get("by_benchmark", {}).get(b, {}).get("by_category", {}).get(c)
+          if ms:
+            out.append((b, c, name, ms, max(m["n"] for m in ms.values())))
+  else:
+    cats = list(dict.fromkeys(c for e in summary["policies"].values() for c in e.get("by_category", {})))
+    for c in cats:
+      for name, e in summary["policies"].items():
+        ms = e.get("by_category", {}).get(c)
+        if ms:
+          out.append((c, "", name, ms, max(m["n"] for m in ms.values())))
+  return out
+
+
+# ---- plots ----------------------------------------------------------------------------------------------
+def _figure(ncols: int = 1, width: float = 5.5):
   # the object-oriented API renders with Agg and leaves pyplot's global state (and backend) alone
   from matplotlib.figure import Figure
-  fig = Figure(figsize=(5.5 * ncols, 4.0), layout="constrained")
+  fig = Figure(figsize=(width * ncols, 4.0), layout="constrained")
   return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
 
@@ -70,13 +193,21 @@ def _metric_of(key: str, wanted: str) -> bool:
   return key == wanted or key.endswith("/" + wanted)
 
 
-def _plot_curves(path: str, curves: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
-  from matplotlib.ticker import MaxNLocator
-  fig, (ax_safe, ax_acc) = _figure(2)
-  drawn = 0
+def _check_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+  drawn = False
   for name, rows in curves.items():
     if any("step" not in r for r in rows):
       raise CotsafeError(f"write_report: curves[{name!r}] has a row without 'step'")
+    drawn |= any(r.get(k) is not None for r in rows for k in r if any(_metric_of(k, w) for w in CURVE_KEYS))
+  if not drawn:
+    raise CotsafeError(f"write_report: no curve row has any of {', '.join(CURVE_KEYS)} (optionally prefixed, "
+                       "e.g. 'eval/accuracy'); expected per-step rows {'step': s, 'eval/accuracy': a, ...}")
+
+
+def _plot_curves(path: str, curves: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+  from matplotlib.ticker import MaxNLocator
+  fig, (ax_safe, ax_acc) = _figure(2)
+  for name, rows in curves.items():
     keys = sorted({k for r in rows for k in r if any(_metric_of(k, w) for w in CURVE_KEYS)})
     for key in keys:
       pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
@@ -85,10 +216,6 @@ def _plot_curves(path: str, curves: Mapping[str, Sequence[Mapping[str, Any]]]) -
       x, y = zip(*sorted(pts))
       ax = ax_acc if _metric_of(key, "accuracy") else ax_safe
       ax.plot(x, y, marker="o", markersize=3, label=f"{name}: {key}")
-      drawn += 1
-  if not drawn:
-    raise CotsafeError(f"write_report: no curve row has any of {', '.join(CURVE_KEYS)} (optionally prefixed, "
-                       "e.g. 'eval/accuracy'); expected per-step rows {'step': s, 'eval/accuracy': a, ...}")
   for ax, what in ((ax_safe, "safety rate"), (ax_acc, "accuracy")):
     ax.set(xlabel="PPO step", ylabel=what, ylim=(-0.02, 1.02), title=f"{what} over PPO steps")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -97,30 +224,45 @@ def _plot_curves(path: str, curves: Mapping[str, Sequence[Mapping[str, Any]]]) -
   fig.savefig(path, dpi=100)
 
 
-def _plot_entropy(path: str, entropies: Mapping[str, np.ndarray]) -> bool:
-  arrays = {k: np.asarray(v, np.float64).reshape(-1) for k, v in entropies.items()}
-  arrays = {k: v[np.isfinite(v)] for k, v in arrays.items()}
-  full = {k: v for k, v in arrays.items() if v.size}
+def _hist(ax, arrays: Mapping[str, np.ndarray], *, xlabel: str, title: str) -> bool:
+  arrays = {k: np.asarray(v, np.float64).reshape(-1) for k, v in arrays.items()}
+  full = {k: v[np.isfinite(v)] for k, v in arrays.items() if np.isfinite(v).any()}
   if not full:
     return False
   top = max(float(v.max()) for v in full.values())
   bins = np.linspace(0.0, top if top > 0 else 1.0, 41)
-  fig, (ax,) = _figure()
   for name, v in full.items():
     ax.hist(v, bins=bins, density=True, histtype="step", linewidth=1.5, label=f"{name} (mean {v.mean():.3f})")
-  ax.set(xlabel="per-token entropy of reasoning tokens (nats)", ylabel="density",
-         title="Entropy over reasoning tokens")
+  ax.set(xlabel=xlabel, ylabel="density", title=title)
   ax.legend(fontsize=8)
+  return True
+
+
+def _plot_entropy(path: str, entropies: Mapping[str, np.ndarray]) -> bool:
+  fig, (ax,) = _figure()
+  if not _hist(ax, entropies, xlabel="per-token entropy of reasoning tokens (nats)",
+               title="Entropy over reasoning tokens"):
+    return False
   fig.savefig(path, dpi=100)
   return True
 
 
-def _bars(path: str, summaries: Mapping[str, Mapping[str, Any]], keys: Sequence[str], title: str) -> None:
+def _plot_lengths(path: str, lengths: Mapping[str, Mapping[str, np.ndarray]]) -> bool:
+  fig, axes = _figure(2)
+  drawn = [_hist(ax, {n: v[part] for n, v in lengths.items() if part in v}, xlabel=f"{part} tokens per sample",
+                 title=f"{part.capitalize()} length") for ax, part in zip(axes, ("response", "reasoning"))]
+  if not any(drawn):
+    return False
+  fig.savefig(path, dpi=100)
+  return True
+
+
+def _bars(path: str, values: Mapping[str, Mapping[str, Any]], keys: Sequence[str], title: str) -> None:
   fig, (ax,) = _figure()
-  names = list(summaries)
+  names = list(values)
   width = 0.8 / len(keys)
   for j, key in enumerate(keys):
-    vals = [summaries[n].get(key) for n in names]
+    vals = [values[n].get(key) for n in names]
     x = np.arange(len(names)) + (j - (len(keys) - 1) / 2) * width
     bars = ax.bar(x, [0.0 if v is None else v for v in vals], width, label=key)
     ax.bar_label(bars, labels=[_cell(v) for v in vals], fontsize=7)
@@ -131,18 +273,56 @@ def _bars(path: str, summaries: Mapping[str, Mapping[str, Any]], keys: Sequence[
   fig.savefig(path, dpi=100)
 
 
-def write_report(workdir: str, summaries: Mapping[str, Mapping[str, Any]], *,
+def _benchmark_bars(path: str, summary: Mapping[str, Any], panels: Sequence[tuple[str, str]], title: str) -> bool:
+  """One panel per (metric, label): x = benchmarks that have the metric, one bar per policy, 95% intervals."""
+  policies = summary["policies"]
+  todo = []
+  for key, label in panels:
+    benches = list(dict.fromkeys(b for e in policies.values() for b, be in e.get("by_benchmark", {}).items()
+                                 if be["metrics"].get(key, {}).get("value") is not None))
+    if benches:
+      todo.append((key, label, benches))
+  if not todo:
+    return False
+  fig, axes = _figure(len(todo), width=max(4.0, 1.2 * max(len(b) for *_, b in todo) * len(policies) ** 0.5))
+  for ax, (key, label, benches) in zip(axes, todo):
+    width = 0.8 / len(policies)
+    for j, (name, e) in enumerate(policies.items()):
+      ms = [e.get("by_benchmark", {}).get(b, {}).get("metrics", {}).get(key) for b in benches]
+      vals = [m["value"] if m and m["value"] is not None else 0.0 for m in ms]
+      err = np.array([[v - m["ci95"][0], m["ci95"][1] - v] if m and m["ci95"] else [0.0, 0.0]
+                      for v, m in zip(vals, ms)]).T
+      x = np.arange(len(benches)) + (j - (len(policies) - 1) / 2) * width
+      ax.bar(x, vals, width, yerr=err, capsize=2, label=name)
+    ax.set_xticks(np.arange(len(benches)), benches, rotation=20, ha="right", fontsize=8)
+    ax.set(ylim=(0, 1.05), ylabel=label, title=f"{label} by benchmark")
+    ax.legend(fontsize=7)
+  fig.suptitle(title)
+  fig.savefig(path, dpi=100)
+  return True
+
+
+# ---- the writer -----------------------------------------------------------------------------------------
+def write_report(workdir: str, summary: Mapping[str, Any], *,
                  curves: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
                  entropies: Mapping[str, np.ndarray] | None = None,
+                 lengths: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+                 speed: Mapping[str, Mapping[str, Any]] | None = None, notes: Sequence[str] = (),
                  title: str = "Chain-of-thought safety evaluation") -> str:
-  """Write summary.json ({name: summary}, in the given order), report.md and the plots into `workdir`.
+  """Write summary.json (the summary as given, policies in order), report.md and the plots into `workdir`.
 
-  curves: name -> per-step rows ({"step": s, "eval/safety_rate_cot": ..., "eval/accuracy": ...}; keys equal to
-  or ending in "/" + one of CURVE_KEYS are drawn) -> curves.png. entropies: name -> per-token reasoning
-  entropies (EvalResult.entropies) -> entropy.png. Always: rates.png (safety, accuracy, over-refusal per
-  policy) and reflection.png. Only the main process writes. Returns the markdown table.
+  summary: {"policies": {name: {"metrics": {m: {value, ci95, n}}, "by_category", "counts", optional
+  "by_benchmark", "macro"}}, **more keys} (`summary_of` builds it from EvalResult.report entries).
+  curves: name -> per-step rows ({"step": s, "eval/safety_rate_cot": ...}) -> curves.png. entropies: name ->
+  per-token reasoning entropies -> entropy.png. lengths: name -> {"response": [...], "reasoning": [...]} tokens
+  per sample -> lengths.png. speed: name -> EvalResult.speed (a table; not in summary.json, which stays
+  reproducible). Always: rates.png, reflection.png; with benchmarks: safety_by_benchmark.png,
+  accuracy_by_benchmark.png, and tables by benchmark and category. Only the main process writes. Returns the
+  main markdown table (policies x metrics).
   """
-  clean = _check_summaries(summaries)
+  clean = check_summary(summary)
+  if curves:
+    _check_curves(curves)
   table = format_table(clean)
   if not parallel.is_main_process():
     return table
@@ -151,21 +331,43 @@ def write_report(workdir: str, summaries: Mapping[str, Mapping[str, Any]], *,
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(clean, f, indent=2, allow_nan=False)
   os.replace(tmp, os.path.join(workdir, "summary.json"))
+  values = flat_values(clean)
   plots = []
   if curves:
     _plot_curves(os.path.join(workdir, "curves.png"), curves)
     plots.append(("Safety and accuracy over PPO steps", "curves.png"))
+  if _benchmark_bars(os.path.join(workdir, "safety_by_benchmark.png"), clean,
+                     (("safety_rate_cot", "CoT Safe@1"), ("safety_rate_answer", "answer Safe@1")),
+                     "Safety by benchmark and part"):
+    plots.append(("Safety by benchmark and part", "safety_by_benchmark.png"))
+  if _benchmark_bars(os.path.join(workdir, "accuracy_by_benchmark.png"), clean,
+                     (("accuracy", "pass@1"), ("over_refusal", "over-refusal")), "Accuracy and over-refusal"):
+    plots.append(("Accuracy and over-refusal by benchmark", "accuracy_by_benchmark.png"))
+  _bars(os.path.join(workdir, "rates.png"), values, _RATE_KEYS, "Safety, accuracy and over-refusal")
+  plots.append(("Safety, accuracy and over-refusal", "rates.png"))
+  _bars(os.path.join(workdir, "reflection.png"), values, ("reflection_rate",), "Reflection-phrase rate")
+  plots.append(("Reflection-phrase rate", "reflection.png"))
   if entropies and _plot_entropy(os.path.join(workdir, "entropy.png"), entropies):
     plots.append(("Entropy over reasoning tokens", "entropy.png"))
-  _bars(os.path.join(workdir, "rates.png"), clean, _RATE_KEYS, "Safety, accuracy and over-refusal")
-  plots.append(("Safety, accuracy and over-refusal", "rates.png"))
-  _bars(os.path.join(workdir, "reflection.png"), clean, ("reflection_rate",), "Reflection-phrase rate")
-  plots.append(("Reflection-phrase rate", "reflection.png"))
-  md = [f"# {title}", "", table, "",
-        "safety_rate_cot / safety_rate_answer: harmful prompts whose reasoning / final answer is safe; "
-        "accuracy: reasoning prompts answered correctly; over_refusal: benign prompts refused; entropy_cot: "
-        "mean per-token entropy over reasoning tokens (nats); reflection_rate: responses with a reflection "
-        f"phrase; n: prompts. {_MISSING}: no prompt to score.", ""]
+  if lengths and _plot_lengths(os.path.join(workdir, "lengths.png"), lengths):
+    plots.append(("Response and reasoning lengths", "lengths.png"))
+  md = [f"# {title}", "", table, "", _LEGEND, ""]
+  for line in notes:
+    md += [line, ""]
+  bench = _group_table(_benchmark_rows(clean), "benchmark")
+  if bench:
+    md += ["## By benchmark", "", bench, ""]
+  cats = _group_table(_category_rows(clean), "category")
+  if cats:
+    md += ["## By category", "", cats, ""]
+  if speed:
+    md += ["## Speed", "", "| policy | prompts/s | samples/s | tokens/s | generate (s) | judge (s) |",
+           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, sp in speed.items():
+      md.append(f"| {name} | " + " | ".join(_cell(None if sp.get(k) is None else float(sp[k])) for k in
+                                         ("prompts_per_s", "samples_per_s", "tokens_per_s", "generate_s",
+                                          "judge_s")) + " |")
+    md.append("")
   for caption, file in plots:
     md += [f"## {caption}", "", f"![{caption}]({file})", ""]
   with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:

@@ -145,8 +145,98 @@ def test_public_set_presets(tmp_path):
   assert _error(sources.load_prompts, star, columns="star1") == (
       "cotsafe_jax: column preset 'star1' is for sft rows, not prompts rows")
   assert _error(sources.load_prompts, gsm, columns="gsm9k") == (
-      "cotsafe_jax: unknown column preset 'gsm9k', expected one of aime, gsm8k, jailbreakbench, math500, "
+      "cotsafe_jax: unknown column preset 'gsm9k', expected one of aime, gpqa, gsm8k, jailbreakbench, math500, "
       "star1, strongreject, wildjailbreak, xstest")
+  # AIME 2024 / 2025 files spell their fields capitalised
+  aime24 = _write(tmp_path / "aime24.jsonl", [{"ID": "2024-I-1", "Problem": "p", "Solution": "s", "Answer": 204}])
+  assert sources.load_prompts(aime24, columns="aime").rows == [
+      {"id": "2024-I-1", "kind": "reasoning", "prompt": "p", "answer": "204"}]
+
+
+GPQA_HEADER = ["Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3",
+               "Record ID", "High-level domain", "Subdomain"]
+
+
+def _gpqa(path, rows):
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(GPQA_HEADER)
+    w.writerows(rows)
+  return str(path)
+
+
+def test_gpqa_preset_letters_the_shuffled_options():
+  rows = [[f"Question {i}?", f" right {i} ", f"wrong {i}a", f"wrong {i}b", f"wrong {i}c", f"rec{i}", "Physics", "x"]
+          for i in range(12)]
+  import tempfile
+  with tempfile.TemporaryDirectory() as d:
+    got = sources.load_prompts(_gpqa(os.path.join(d, "gpqa.csv"), rows), columns="gpqa").rows
+    again = sources.load_prompts(_gpqa(os.path.join(d, "rev.csv"), rows[::-1]), columns="gpqa").rows
+  assert again[::-1] == got  # the order of options depends on the question only, not on the file order
+  letters = set()
+  for i, r in enumerate(got):
+    assert set(r) == {"id", "category", "kind", "prompt", "answer", "grader"}
+    assert (r["id"], r["category"], r["kind"], r["grader"]) == (f"rec{i}", "Physics", "reasoning", "choice")
+    question, options = r["prompt"].split("\n\n")
+    assert question == f"Question {i}?"
+    lines = options.split("\n")
+    assert [ln[:3] for ln in lines] == ["A) ", "B) ", "C) ", "D) "]
+    by_letter = {ln[0]: ln[3:] for ln in lines}
+    assert by_letter[r["answer"]] == f"right {i}"  # stripped
+    assert sorted(by_letter.values()) == sorted([f"right {i}", f"wrong {i}a", f"wrong {i}b", f"wrong {i}c"])
+    letters.add(r["answer"])
+  assert len(letters) >= 3  # shuffled: the correct option is not always first
+
+
+def test_gpqa_preset_errors(tmp_path):
+  path = _gpqa(tmp_path / "g.csv", [["Q?", "right", "", "w2", "w3", "r", "Physics", "x"]])
+  assert _error(sources.load_prompts, path, columns="gpqa") == (
+      f'cotsafe_jax: {path}:2: option field "Incorrect Answer 1" missing or empty, expected the text of every option')
+  bad = _write(tmp_path / "g.jsonl", [{"kind": "reasoning", "prompt": "x", "answer": "B", "grader": "essay"}])
+  assert _error(sources.load_prompts, bad) == (
+      f'cotsafe_jax: {bad}:1: field "grader" is "essay", expected math|choice')
+
+
+def test_sources_load_into_one_list_tagged_by_source(tmp_path):
+  sr = _write(tmp_path / "strongreject_dataset.csv",
+              [{"category": "Violence", "source": "x", "forbidden_prompt": f"harm {i}"} for i in range(10)])
+  gsm = _write(tmp_path / "gsm.jsonl", [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(5)])
+  plain = _write(tmp_path / "mine.jsonl", [{"prompt": "p", "answer": "1"}])
+  suite = [sources.Source(path=sr, preset="strongreject", max_rows=4, weight=2.0),
+           sources.Source(path=gsm, preset="gsm8k", name="gsm8k_test"),
+           sources.Source(path=plain, kind="reasoning", grader="choice")]
+  got = sources.load_sources(suite, seed=3)
+  assert [r["source"] for r in got.rows] == ["strongreject"] * 4 + ["gsm8k_test"] * 5 + ["mine"]
+  harm = [r["prompt"] for r in got.rows[:4]]
+  assert harm == sorted(harm, key=lambda p: int(p.split()[1]))  # a subset in file order
+  assert sources.load_sources(suite, seed=3).rows == got.rows  # seeded
+  assert [r["prompt"] for r in sources.load_sources(suite, seed=4).rows[:4]] != harm
+  assert got.rows[4] == {"kind": "reasoning", "prompt": "q0", "answer": "0", "source": "gsm8k_test"}
+  assert got.rows[-1] == {"kind": "reasoning", "prompt": "p", "answer": "1", "source": "mine", "grader": "choice"}
+  assert got.stats["strongreject"] == {"rows": 4, "available": 10, "skipped": 0, "weight": 2.0, "path": sr}
+  assert got.weights == {"strongreject": 2.0, "gsm8k_test": 1.0, "mine": 1.0}
+  # the same type serves a training mixture of SFT rows
+  star = _write(tmp_path / "star.json", [{"id": 3, "question": "q", "response": "r"}])
+  sft = sources.load_sources([sources.Source(path=star, preset="star1", schema="sft")])
+  assert sft.rows == [{"id": "3", "prompt": "q", "response": "r", "source": "star1"}]
+
+
+def test_source_errors(tmp_path):
+  path = _write(tmp_path / "p.jsonl", [{"prompt": "p", "kind": "benign"}])
+  assert _error(sources.Source, path=None, name="aime") == (
+      "cotsafe_jax: Source('aime'): path=None, expected a local file, dataset dir or tfds:NAME")
+  assert _error(sources.Source, path=path, preset="gsm8k", columns={"a": "prompt"}) == (
+      "cotsafe_jax: Source('gsm8k'): both preset='gsm8k' and columns are set, expected one of them")
+  assert "unknown preset 'gsm9k', expected one of aime, gpqa" in _error(sources.Source, path=path, preset="gsm9k")
+  assert _error(sources.Source, path=path, kind="math") == (
+      f"cotsafe_jax: Source({path!r}): kind='math', expected one of harmful|benign|reasoning")
+  assert "max_rows=0, expected a positive int or None" in _error(sources.Source, path=path, max_rows=0)
+  assert "weight=-1.0, expected a finite number >= 0" in _error(sources.Source, path=path, weight=-1.0)
+  assert "grader='essay', expected one of math|choice" in _error(sources.Source, path=path, grader="essay")
+  assert _error(sources.load_sources, []) == "cotsafe_jax: load_sources: no sources, expected at least one Source"
+  assert _error(sources.load_sources, [sources.Source(path=path), sources.Source(path=path)]) == (
+      "cotsafe_jax: load_sources: source name 'p' is used twice, expected unique names (set Source.name)")
+  assert "is not a Source" in _error(sources.load_sources, [path])
 
 
 def test_prompt_row_errors_name_file_line_and_expectation(tmp_path):

@@ -1,9 +1,13 @@
-"""Table-driven cases for answer extraction, equivalence, the think-format check and refusal detection."""
+"""Table-driven cases for answer extraction, equivalence (MATH-500-style pairs through math-verify, in the main
+thread and in worker threads), multiple-choice letters, the think-format check and refusal detection."""
+import threading
+
 import numpy as np
 import pytest
 
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.rewards import RefusalDetector, check_think_format, extract_answer, is_equivalent, is_refusal
+from cotsafe_jax.rewards import verifiers
 
 EXTRACT = [
     ("so the result is \\boxed{42}.", "42"),
@@ -81,6 +85,119 @@ def test_is_equivalent(pred, ref, expected):
   assert is_equivalent(pred, ref) is expected
   if pred is not None:
     assert is_equivalent(ref, pred) is expected  # symmetric
+
+
+# MATH-500-style reference answers against how models write them: the forms our normaliser alone misses
+# (sqrt forms, sets in any order, reordered sums, unicode minus) and near misses that must stay unequal
+MATH500 = [
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\frac{\\pi}{2})", True),
+    ("\\frac{\\sqrt{2}}{2}", "\\sqrt2/2", True),
+    ("2\\sqrt{3}", "\\sqrt{12}", True),
+    ("\\{1, 2\\}", "\\{2, 1\\}", True),
+    ("x^2+1", "1+x^2", True),
+    ("\u22125", "-5", True),  # unicode minus
+    ("\u221a2", "\\sqrt{2}", True),
+    ("3 \u00d7 4", "12", True),
+    ("p - q", "-q + p", True),
+    ("\\text{Evelyn}", "Evelyn", True),
+    ("6 - 5i", "-5i + 6", True),
+    ("[-2, 7]", "[-2,7]", True),
+    ("x \\in [-2, 7]", "[-2, 7]", True),
+    ("10\\%", "10", True),
+    ("\\$18.90", "18.9", True),
+    ("3\\sqrt{13}", "\\sqrt{117}", True),
+    ("\\dfrac{9}{2}", "4.5", True),
+    ("1,\\!000,\\!000", "1000000", True),
+    ("2\\pi", "\\pi \\cdot 2", True),
+    ("\\sqrt{2}", "2^{1/2}", True),
+    ("-\\frac{1}{3}", "\\frac{-1}{3}", True),
+    ("(-\\infty, 2]", "(-\\infty,2]", True),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", True),
+    ("y = 2x + 3", "2x+3", True),
+    ("1.5", "\\frac{3}{2}", True),
+    ("\\sqrt{50}", "5\\sqrt{2}", True),
+    ("\\frac{a+b}{2}", "\\frac{b+a}{2}", True),
+    ("2, -2", "-2, 2", True),
+    ("\\text{(C)}", "C", True),
+    ("\\frac{\\sqrt{3}}{3}", "\\frac{1}{\\sqrt{3}}", True),
+    ("4\\sqrt{2}", "\\sqrt{32}", True),
+    ("x = 2", "2", True),
+    ("\\frac{\\sqrt{2}}{2}", "\\sqrt{2}", False),
+    ("2\\sqrt{3}", "\\sqrt{6}", False),
+    ("x^2+1", "x^2-1", False),
+    ("(1, 2)", "(2, 1)", False),  # an ordered pair
+    ("[1, 2)", "(1, 2]", False),
+    ("0.333", "\\frac{1}{3}", False),
+    ("\\pi", "3.14", False),
+    ("5x", "5", False),
+    ("-5", "5", False),
+    ("\u22125", "5", False),
+    ("\\frac{14}{3}", "\\frac{3}{14}", False),
+    ("6 - 5i", "6 + 5i", False),
+    ("\\text{Evelyn}", "\\text{Amy}", False),
+    ("10", "100", False),
+    ("2", "\\sqrt{2}", False),
+    ("\\{1, 2\\}", "\\{1, 3\\}", False),
+    ("p - q", "q - p", False),
+    ("y = 2x + 3", "2x-3", False),
+]
+
+
+@pytest.mark.parametrize("ref,pred,expected", MATH500)
+def test_math500_style_equivalence(ref, pred, expected):
+  assert is_equivalent(pred, ref) is expected
+  assert is_equivalent(ref, pred) is expected
+
+
+def test_math_verify_runs_in_worker_threads():
+  # math-verify's time limit is a SIGALRM, which only the main thread may set: off in other threads
+  assert verifiers._timeout() == 5
+  got, errors = {}, []
+
+  def work():
+    try:
+      got["timeout"] = verifiers._timeout()
+      got["equal"] = is_equivalent("\\sqrt{27}", "3\\sqrt{3}")  # math-verify decides this one
+      got["unequal"] = is_equivalent("\\sqrt{28}", "3\\sqrt{3}")
+    except Exception as e:  # noqa: BLE001 - the assertion below shows it
+      errors.append(e)
+
+  th = threading.Thread(target=work)
+  th.start()
+  th.join()
+  assert not errors and got == {"timeout": None, "equal": True, "unequal": False}
+
+
+CHOICES = [
+    ("Answer: B", "B"),
+    ("so the answer is (C).", "C"),
+    ("**Answer:** D", "D"),
+    ("The answer is a good one to think about. Answer: A", "A"),  # the article "a" is not a choice
+    ("\\boxed{C}", "C"),
+    ("\\boxed{\\text{(B)}}", "B"),
+    ("(D)", "D"),
+    ("B", "B"),
+    ("Answer: B\nWait, no. Answer: C", "C"),  # the last one
+    ("Answer: E", None),  # not one of ABCD
+    ("a lot of thinking, no letter", None),
+    ("", None),
+]
+
+
+@pytest.mark.parametrize("text,expected", CHOICES)
+def test_extract_choice(text, expected):
+  assert verifiers.extract_choice(text) == expected
+
+
+def test_grade_by_grader():
+  assert verifiers.grade("so \\boxed{\\sqrt{12}}", "2\\sqrt{3}")
+  assert verifiers.grade("the final answer: Answer: C", "C", grader="choice")
+  assert not verifiers.grade("Answer: B", "C", grader="choice")
+  assert not verifiers.grade("", "C", grader="choice") and not verifiers.grade("", "5")
+  assert verifiers.predicted_answer("I think \\boxed{7}") == "7"
+  assert verifiers.same_answer("\\frac12", "0.5") and not verifiers.same_answer("A", "B", grader="choice")
+  with pytest.raises(CotsafeError, match="grader='essay', expected math or choice"):
+    verifiers.grade("x", "y", grader="essay")
 
 
 def test_extract_then_verify_end_to_end():
