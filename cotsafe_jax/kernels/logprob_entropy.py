@@ -200,12 +200,26 @@ def _vocab_offset(plan: _Plan, w_dv):
   return jax.lax.axis_index(plan.vocab_axes) * w_dv.shape[1]
 
 
+def _w_split(plan: _Plan, w_dv) -> Any:
+  """The mesh axes W's D dim enters the shard_map split over: the token (batch) axes when they divide D. W
+  is then all-gathered inside, in the dtype it was given (a bf16 cast happens on the shards, never on a
+  gathered float32 copy), and its gradient leaves reduce-scattered the same way."""
+  tok = plan.token_axes
+  return tok if tok is not None and w_dv.shape[0] % _axes_size(plan.mesh, tok) == 0 else None
+
+
+def _gather_d(w_dv, d_axes):
+  return w_dv if d_axes is None else jax.lax.all_gather(w_dv, d_axes, axis=0, tiled=True)
+
+
 def _forward(plan: _Plan, h_nd, w_dv, y_n):
   """(logp, entropy, lse) per token, global over the vocabulary."""
   if plan.mesh is None:
     return _math.finish(*_local_stats(plan, h_nd, w_dv, y_n), plan.inv_temp)
+  d_axes = _w_split(plan, w_dv)
 
   def shard(h_nd, w_dv, y_n):
+    w_dv = _gather_d(w_dv, d_axes)
     if plan.vocab_axes is None:
       return _math.finish(*_local_stats(plan, h_nd, w_dv, y_n), plan.inv_temp)
     m, s, u, xy = _local_stats(plan, h_nd, w_dv, y_n - _vocab_offset(plan, w_dv))
@@ -217,34 +231,34 @@ def _forward(plan: _Plan, h_nd, w_dv, y_n):
     return _math.finish(m_all, s, u, xy, plan.inv_temp)
 
   tok, voc = plan.token_axes, plan.vocab_axes
-  return jax.shard_map(shard, mesh=plan.mesh, in_specs=(P(tok, None), P(None, voc), P(tok)),
+  return jax.shard_map(shard, mesh=plan.mesh, in_specs=(P(tok, None), P(d_axes, voc), P(tok)),
                        out_specs=(P(tok), P(tok), P(tok)), check_vma=False)(h_nd, w_dv, y_n)
 
 
 def _backward(plan: _Plan, h_nd, w_dv, y_n, lse_n, mu_n, g_logp_n, g_ent_n):
   if plan.mesh is None:
     return _local_grads(plan, h_nd, w_dv, y_n, lse_n, mu_n, g_logp_n, g_ent_n)
+  d_axes = _w_split(plan, w_dv)
 
   def shard(h_nd, w_dv, y_n, *per_token):
+    w_dv = _gather_d(w_dv, d_axes)
     if plan.vocab_axes is not None:
       y_n = y_n - _vocab_offset(plan, w_dv)
     dh_nd, dw_dv = _local_grads(plan, h_nd, w_dv, y_n, *per_token)
     if plan.vocab_axes is not None:
       dh_nd = jax.lax.psum(dh_nd, plan.vocab_axes)
-    if plan.token_axes is not None and scatter_dw:
-      # summed over the token shards and left split over them on D (as FSDP stores W): a reduce-scatter,
-      # so no device holds the summed [D, V] gradient
-      dw_dv = jax.lax.psum_scatter(dw_dv, plan.token_axes, scatter_dimension=0, tiled=True)
+    if d_axes is not None:
+      # summed over the token shards and left split over them on D: a reduce-scatter, so no device holds
+      # the summed [D, V] gradient
+      dw_dv = jax.lax.psum_scatter(dw_dv, d_axes, scatter_dimension=0, tiled=True)
     elif plan.token_axes is not None:
       dw_dv = jax.lax.psum(dw_dv, plan.token_axes)
     return dh_nd, dw_dv
 
   tok, voc = plan.token_axes, plan.vocab_axes
-  d = w_dv.shape[0]
-  scatter_dw = tok is not None and d % _axes_size(plan.mesh, tok) == 0
   return jax.shard_map(shard, mesh=plan.mesh,
-                       in_specs=(P(tok, None), P(None, voc)) + (P(tok),) * 5,
-                       out_specs=(P(tok, None), P(tok if scatter_dw else None, voc)), check_vma=False)(
+                       in_specs=(P(tok, None), P(d_axes, voc)) + (P(tok),) * 5,
+                       out_specs=(P(tok, None), P(d_axes, voc)), check_vma=False)(
                            h_nd, w_dv, y_n, lse_n, mu_n, g_logp_n, g_ent_n)
 
 

@@ -103,7 +103,7 @@ def plan(*, workdir: str, target: str, policy: PolicySpec, ppo: ppo_lib.PPOConfi
                                 models.param_shardings(g_cfg, mesh))
     resident["guard"] = planner.count_bytes(g_params)
     ids = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=parallel.replicated(mesh))
-    extra_programs["guard"] = (_guard_program(g_cfg, mesh, bs, length),
+    extra_programs["guard"] = (guard_judge.verdict_program(g_cfg, mesh, batch_size=bs, length=length),
                                (g_params, *planner.rows_args(mesh, bs, length), ids, ids), g_params)
   resident_total = sum(resident.values())
 
@@ -191,13 +191,3 @@ def plan(*, workdir: str, target: str, policy: PolicySpec, ppo: ppo_lib.PPOConfi
   if error:
     raise CotsafeError(error)
   return out
-
-
-def _guard_program(cfg: models.ModelConfig, mesh, batch: int, length: int) -> Any:
-  """The guard judge's scoring program (verdict probabilities of left-padded rows), jitted as the judge runs it."""
-  from cotsafe_jax.parallel import mesh as mesh_lib
-  rows = mesh_lib.batch_sharding(mesh, 2, (batch, length))
-  rep = mesh_lib.replicated(mesh)
-  fn = lambda p, t, m, u, s: guard_judge.verdict_probability(cfg, p, t, m, u, s)  # noqa: E731
-  return mesh_lib.OnMesh(jax.jit(fn, in_shardings=(models.param_shardings(cfg, mesh), rows, rows, rep, rep),
-                                 out_shardings=mesh_lib.batch_sharding(mesh, 1, (batch,))), mesh)

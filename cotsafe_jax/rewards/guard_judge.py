@@ -7,6 +7,7 @@ windows of tokens (unsafe if any window is), never cut to their tail.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Sequence
@@ -135,6 +136,19 @@ def verdict_probability(cfg: models.ModelConfig, params: Any, tokens_bt: jax.Arr
   return jax.nn.sigmoid(jax.nn.logsumexp(z_bu, axis=-1) - jax.nn.logsumexp(z_bs, axis=-1))
 
 
+@functools.lru_cache(maxsize=16)  # one compile per (guard, mesh, chunk shape), reused across calls
+def verdict_program(cfg: models.ModelConfig, mesh: Mesh | None, *, batch_size: int, length: int) -> Any:
+  """The jitted `verdict_probability` of one [batch_size, length] chunk: (params, tokens_bt, mask_bt,
+  unsafe_ids, safe_ids) -> P(unsafe) [B]. What the judge runs per chunk, and what the `plan` job compiles."""
+  fn = lambda p, t, m, u, s: verdict_probability(cfg, p, t, m, u, s)  # noqa: E731
+  if mesh is None:
+    return jax.jit(fn)
+  rows = mesh_lib.batch_sharding(mesh, 2, (batch_size, length))
+  rep = mesh_lib.replicated(mesh)
+  return mesh_lib.OnMesh(jax.jit(fn, in_shardings=(models.param_shardings(cfg, mesh), rows, rows, rep, rep),
+                                 out_shardings=mesh_lib.batch_sharding(mesh, 1, (batch_size,))), mesh)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Unit:
   """One judged piece of a row: its text, what the guard reads before it (earlier reasoning, or ""), and the
@@ -199,7 +213,6 @@ class GuardJudge:
     self.window_tokens, self.window_overlap = window_tokens, window_overlap
     self.context_tokens = context_tokens if mode == "stepwise" else 0
     self._ids = (jnp.asarray(unsafe_ids, jnp.int32), jnp.asarray(safe_ids, jnp.int32))
-    self._score = jax.jit(lambda p, t, m, u, s: verdict_probability(cfg, p, t, m, u, s))
     self._overhead = len(self._encode(self.render("", "")))
     if self.context_tokens:
       self._overhead = max(self._overhead, len(self._encode(self.render("", "", context="."))))
@@ -306,7 +319,8 @@ class GuardJudge:
       if self.mesh is not None:
         shard = mesh_lib.batch_sharding(self.mesh, 2, (bs, t))
         tokens, mask = jax.device_put(tokens, shard), jax.device_put(mask, shard)
-      p_w[rows] = np.asarray(self._score(self.params, tokens, mask, *self._ids))[:len(rows)]
+      score = verdict_program(self.cfg, self.mesh, batch_size=bs, length=t)
+      p_w[rows] = np.asarray(score(self.params, tokens, mask, *self._ids))[:len(rows)]
       bar.update(len(rows))
     bar.close()
     np.maximum.at(out, np.asarray(owner), p_w)

@@ -240,40 +240,38 @@ def update_fn(policy_cfg: models.ModelConfig, critic_cfg: models.ModelConfig | N
   def zeros(tree, shardings):
     return split_like_params(jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree), shardings)
 
+  def accumulate(loss_fn, params, shardings, micro, *args):
+    """Sum over micro-batches of loss_fn's gradients (and its additive metrics), split like the params."""
+    def body(g_acc, one: ScoredRollout):
+      (_, met), g = jax.value_and_grad(loss_fn, has_aux=True)(params, _constrain_rows(one), *args)
+      # The barrier keeps XLA from moving the gradients' reduce-scatters out of the loop (one collective at
+      # the end, but whole-size accumulators); the constraint keeps the accumulators split like the params.
+      g = jax.lax.optimization_barrier(g)
+      return split_like_params(jax.tree.map(jnp.add, g_acc, g), shardings), met
+    return jax.lax.scan(body, zeros(params, shardings), micro)
+
   def update(state: TrainState, mb: ScoredRollout, kl_coef):
     mask = mb.completion_mask_bt.astype(jnp.float32)
     counts = {"num_tokens": jnp.maximum(mask.sum(), 1.0), "num_seqs": jnp.maximum((mask.sum(1) > 0).sum(), 1)}
     micro = jax.tree.map(lambda x: microbatches(x, ppo.num_microbatches), mb)
-    use_critic = state.critic is not None
     pol_sh, cri_sh = grad_shardings if grad_shardings is not None else (None, None)
-
-    def body(carry, one: ScoredRollout):
-      g_pol, g_cri = carry
-      one = _constrain_rows(one)
-      (_, met), g = jax.value_and_grad(policy_loss, has_aux=True)(state.policy, one, counts, kl_coef)
-      # the accumulators stay split like the params in the loop. The barrier keeps XLA from moving the
-      # gradients' reduce-scatters out of the loop (one collective at the end, but whole-size accumulators)
-      g = jax.lax.optimization_barrier(g)
-      g_pol = split_like_params(jax.tree.map(jnp.add, g_pol, g), pol_sh)
-      met = dict(met)
-      if use_critic:
-        (_, m_val), gc = jax.value_and_grad(value_loss, has_aux=True)(state.critic, one, counts)
-        g_cri = split_like_params(jax.tree.map(jnp.add, g_cri, jax.lax.optimization_barrier(gc)), cri_sh)
-        met.update({k: v for k, v in m_val.items() if k != "explained_variance"})  # not additive
-      return (g_pol, g_cri), met
-
-    init = (zeros(state.policy, pol_sh), zeros(state.critic, cri_sh) if use_critic else None)
-    (g_pol, g_cri), per_micro = jax.lax.scan(body, init, micro)
+    # policy, then critic: each model's gradients are summed and applied before the other's are computed, so
+    # only one model's float32 gradient trees are alive at a time
+    g_pol, per_micro = accumulate(policy_loss, state.policy, pol_sh, micro, counts, kl_coef)
     # every metric is normalised by the minibatch's global counts: the sum over microbatches is its value
     metrics = jax.tree.map(lambda x: x.sum(0), per_micro)
     metrics["grad_norm/policy"] = optax.global_norm(g_pol)
     upd, policy_opt = policy_tx.update(g_pol, state.policy_opt, state.policy)
     policy = optax.apply_updates(state.policy, upd)
     critic, critic_opt = state.critic, state.critic_opt
-    if use_critic:
+    if critic is not None:
+      # the critic's pass starts once the policy's update is done (a data dependence through the barrier)
+      policy, policy_opt, critic, micro = jax.lax.optimization_barrier((policy, policy_opt, critic, micro))
+      g_cri, per_micro_v = accumulate(value_loss, critic, cri_sh, micro, counts)
+      metrics.update({k: v.sum(0) for k, v in per_micro_v.items() if k != "explained_variance"})  # not additive
       metrics["grad_norm/critic"] = optax.global_norm(g_cri)
-      upd_c, critic_opt = critic_tx.update(g_cri, state.critic_opt, state.critic)
-      critic = optax.apply_updates(state.critic, upd_c)
+      upd_c, critic_opt = critic_tx.update(g_cri, critic_opt, critic)
+      critic = optax.apply_updates(critic, upd_c)
     new = state.replace(policy=policy, policy_opt=policy_opt, critic=critic, critic_opt=critic_opt)
     return new, metrics
 
