@@ -32,6 +32,16 @@ GRPO's KL term reads reference log-probs computed at scoring time, as every stac
   tunix_grpo  update_actor with GRPOLearner's loss (beta 0.001: KL in the loss), no critic.
 Compile / warm-up steps are not timed (--warmup each side, before the first round).
 
+Equalised: float32 everywhere, the same shapes, 4 microbatches of 8 rows and one optimizer step per model,
+AdamW at the same lr, clip ratio 0.2 (no dual clip, no clip-higher), no rematerialisation (TRL GRPO's default
+gradient_checkpointing=True is turned off), token-mean loss aggregation (ours token-mean, TRL GRPO "bnpo",
+Tunix GRPO loss_agg_mode "token-mean"). Not equalised, and part of what each stack is: how logits are
+handled (ours: fused blockwise log-prob + entropy, never [B, T, V]; TRL GRPO: its chunked log-prob kernel
+plus entropies; TRL PPO and Tunix: materialised float32 logits), jit scope (ours: the whole step incl. the
+microbatch loop; Tunix: one jitted train step per microbatch plus its trainer's bookkeeping; TRL: eager
+PyTorch), the GRPO KL estimator (ours k3, TRL k3, Tunix "kl"), TRL PPO's extra no-grad entropy stats and no
+gradient clipping, and the CPU math libraries (XLA:CPU vs PyTorch's oneDNN / MKL, torch given --threads).
+
 Each side runs in its own interpreter, kept alive across rounds; the PPO sides run together, then the GRPO
 sides, each group in interleaved rounds (A B C A B C ...), so slow phases of a shared machine hit every side
 of a comparison. The driver reports per-side median and min step seconds over rounds x steps, and the peak
