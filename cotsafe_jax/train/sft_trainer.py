@@ -24,7 +24,7 @@ from cotsafe_jax import kernels, models, parallel
 from cotsafe_jax.data.pipeline import make_pipeline
 from cotsafe_jax.data.sources import load_sft
 from cotsafe_jax.errors import CotsafeError
-from cotsafe_jax.models.tokenizer import THINK_OPEN
+from cotsafe_jax.models.tokenizer import THINK_CLOSE, THINK_OPEN
 from cotsafe_jax.parallel import mesh as mesh_lib
 from cotsafe_jax.train.checkpointing import Checkpointer
 from cotsafe_jax.train.logging import MetricLogger
@@ -129,6 +129,24 @@ def _header_end(tokenizer: Any, candidate: str, text: str, start: int) -> int:
   return best
 
 
+def _check_reasoning_kept(content: str, target: str, *, where: str) -> None:
+  """Refuse a chat template that renders an assistant turn without the reasoning its content has.
+
+  DeepSeek-R1-Distill's template keeps only the text after `</think>` of every assistant message: SFT on such
+  rows would silently train on the answers and never on the chain of thought.
+  """
+  if THINK_CLOSE not in content:
+    return
+  reasoning, _ = models.split_reasoning(content)
+  if reasoning and reasoning not in target:
+    raise CotsafeError(
+        f"{where}: the tokenizer's chat template drops the reasoning (<think>...</think>) of assistant turns "
+        "(as DeepSeek-R1-Distill's does), so SFT would train on the answer only; expected a template that keeps "
+        "it: write the row as prompt + response (the response, reasoning included, is the target after the "
+        "generation prompt; one row per assistant turn), or give the tokenizer a chat template that keeps "
+        "assistant reasoning (sft_train.tokenizer_dir)")
+
+
 def _message_segments(tokenizer: Any, messages: Sequence[Mapping[str, str]], eos: str,
                       where: str) -> list[tuple[str, bool]]:
   """Render growing prefixes: each assistant turn's text after its header (the generation prompt, incl. an
@@ -148,6 +166,7 @@ def _message_segments(tokenizer: Any, messages: Sequence[Mapping[str, str]], eos
     turn = through[start:]
     cut = turn.rfind(eos)
     target, rest = (turn[:cut + len(eos)], turn[cut + len(eos):]) if cut >= 0 else (turn + eos, "")
+    _check_reasoning_kept(m["content"], target, where=f"{where}: message {i + 1} (assistant)")
     segments += [(through[len(done):start], False), (target, True), (rest, False)]
     done = through
   return [s for s in segments if s[0]]
