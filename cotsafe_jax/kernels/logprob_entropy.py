@@ -68,7 +68,8 @@ def logprob_entropy(hidden: jax.Array, w_unembed: jax.Array, targets: jax.Array,
   """
   h, w, y = _check(hidden, w_unembed, targets)
   inv_temp = 1.0 / _check_temperature(temperature)
-  impl = _resolve_impl(impl)
+  platform = _platform(_find_mesh(mesh, w_unembed))
+  impl = _resolve_impl(impl, platform)
   lead_shape = targets.shape
   d, v = w.shape
   h_nd, y_n = h.reshape(-1, d), y.reshape(-1)  # [B, T, D] -> [B*T, D]: batch-major, shards stay whole
@@ -76,7 +77,7 @@ def logprob_entropy(hidden: jax.Array, w_unembed: jax.Array, targets: jax.Array,
   if impl == "naive" or n == 0:
     logp_n, ent_n = _naive_op(inv_temp)(h_nd, w, y_n)
   else:
-    plan = _plan(impl, inv_temp, block_t, block_v, mesh, w_unembed, n, v)
+    plan = _plan(impl, inv_temp, block_t, block_v, mesh, w_unembed, n, v, platform)
     logp_n, ent_n = _fused_op(plan)(h_nd, w, y_n)
   return logp_n.reshape(lead_shape), ent_n.reshape(lead_shape)
 
@@ -119,12 +120,26 @@ def _check_temperature(temperature) -> float:
   return t
 
 
-def _resolve_impl(impl: str) -> str:
+def _platform(mesh) -> str:
+  """The platform the op is compiled for: the mesh's devices (a target compiled ahead of time on a CPU host
+  is a TPU or GPU mesh), else the default backend."""
+  if mesh is not None:
+    device = getattr(mesh, "abstract_device", None)
+    if device is not None and getattr(device, "platform", None):
+      return device.platform
+    if hasattr(mesh, "devices"):
+      return mesh.devices.flat[0].platform
+  return jax.default_backend()
+
+
+def _resolve_impl(impl: str, platform: str) -> str:
+  """auto: the Mosaic kernel on TPU; the chunked XLA loops elsewhere (on GPU too, until a lent GPU shows the
+  Triton kernel faster: compiled for an H100 its temporaries are larger, benchmarks/README.md)."""
   if impl not in IMPLS:
     raise CotsafeError(f"{_WHERE}: unknown impl {impl!r} (expected one of {', '.join(IMPLS)})")
   if impl != "auto":
     return impl
-  return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(jax.default_backend(), "xla")
+  return "pallas_tpu" if platform == "tpu" else "xla"
 
 
 def _check_block(name: str, value: int | None) -> None:
@@ -132,7 +147,7 @@ def _check_block(name: str, value: int | None) -> None:
     raise CotsafeError(f"{_WHERE}: {name}={value!r} (expected a positive int or None)")
 
 
-def _plan(impl, inv_temp, block_t, block_v, mesh, w_unembed, n, v) -> _Plan:
+def _plan(impl, inv_temp, block_t, block_v, mesh, w_unembed, n, v, platform) -> _Plan:
   _check_block("block_t", block_t)
   _check_block("block_v", block_v)
   defaults = {"xla": XLA_BLOCKS, "pallas_tpu": pallas_tpu.BLOCKS, "pallas_gpu": pallas_gpu.BLOCKS}
@@ -141,8 +156,9 @@ def _plan(impl, inv_temp, block_t, block_v, mesh, w_unembed, n, v) -> _Plan:
     pallas_tpu.check_blocks(bt, bv, where=_WHERE)
   if impl == "pallas_gpu":
     pallas_gpu.check_blocks(bt, bv, where=_WHERE)
-  kernels = {"pallas_tpu": pallas_tpu, "pallas_gpu": pallas_gpu}
-  plan = _Plan(impl, inv_temp, bt, bv, impl in kernels and kernels[impl].interpret_default())
+  # Pallas off its own platform can only run in the interpreter (tests on CPU)
+  own = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
+  plan = _Plan(impl, inv_temp, bt, bv, impl in own and own[impl] != platform)
   mesh = _find_mesh(mesh, w_unembed)
   if mesh is None:
     return plan

@@ -26,11 +26,6 @@ def check_blocks(block_t: int, block_v: int, *, where: str) -> None:
                          "Triton tiles)")
 
 
-def interpret_default() -> bool:
-  """Off its own platform the kernel can only run in the Pallas interpreter."""
-  return jax.default_backend() != "gpu"
-
-
 def _pow2_tile(block: int, size: int) -> int:
   return min(block, max(16, pl.next_power_of_2(size)))
 

@@ -31,11 +31,6 @@ def check_blocks(block_t: int, block_v: int, *, where: str) -> None:
                        "TPU lane width)")
 
 
-def interpret_default() -> bool:
-  """Off its own platform the kernel can only run in the Pallas interpreter."""
-  return jax.default_backend() != "tpu"
-
-
 def _lane(x_rl: jax.Array, k: int) -> jax.Array:
   """Lane k of a lane-packed [rows, 128] tile as [rows, 1] (a masked lane sum: exact)."""
   lane_rl = jax.lax.broadcasted_iota(jnp.int32, x_rl.shape, 1)

@@ -48,19 +48,32 @@ class ProgramPlan:
 
 
 def compile_program(name: str, program: Any, args: Sequence[Any]) -> tuple[Any, float]:
+  """(compiled, seconds). Outside the persistent compilation cache: an executable for devices this host does
+  not have can be neither stored nor loaded there."""
   t0 = time.perf_counter()
-  compiled = program.lower(*args).compile()
+  cache = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    compiled = program.lower(*args).compile()
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
   return compiled, time.perf_counter() - t0
 
 
-_OOM = re.compile(r"[Uu]sed ([0-9.]+)([KMGT]?)(?:i?B)? of ([0-9.]+)([KMGT]?)(?:i?B)? hbm")
+# what a TPU compile that runs out of HBM reports, e.g. "Ran out of memory on HBM, the total memory required
+# for HLO temporaries (4.25G) exceeds available HBM (2.93G)", or "Used 289.02G of 15.75G hbm"
+_OOM = (re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT]?)\)"),
+        re.compile(r"[Uu]sed ([0-9.]+)([KMGT]?)(?:i?B)? of [0-9.]+[KMGT]?(?:i?B)? hbm"))
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
-def _oom_bytes(message: str) -> int | None:
-  """The bytes a TPU compile that ran out of HBM says it needed ("Used 289.02G of 15.75G hbm")."""
-  m = _OOM.search(message)
-  return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
+def _oom_bytes(message: str) -> tuple[int, str] | None:
+  """(bytes, what they count) from a TPU compile that ran out of HBM: the temporaries, or the whole program."""
+  for pattern, what in zip(_OOM, ("temporaries", "total")):
+    m = pattern.search(message)
+    if m:
+      return int(float(m.group(1)) * _UNITS[m.group(2)]), what
+  return None
 
 
 def measure(name: str, program: Any, args: Sequence[Any], *, resident_total: int, resident_in_args: int,
@@ -73,9 +86,12 @@ def measure(name: str, program: Any, args: Sequence[Any], *, resident_total: int
   except Exception as e:  # noqa: BLE001 - the compiler's message is the result
     msg = str(e)
     out.error = next((line.strip() for line in msg.splitlines() if line.strip()), type(e).__name__)[:500]
-    needed = _oom_bytes(msg)
-    if needed is None:
+    found = _oom_bytes(msg)
+    if found is None:
       raise CotsafeError(f"plan: program {name!r} does not compile: {out.error}") from e
+    needed, what = found
+    # the temporaries alone already exceed the chip: a lower bound of the peak (arguments not known)
+    out.temp_bytes = needed if what == "temporaries" else 0
     out.peak_bytes = out.resident_outside_bytes + needed
     return out
   ma = compiled.memory_analysis()

@@ -27,8 +27,8 @@ class Target:
 
 # Google names v4 / v5p slices by TensorCores (2 per chip) and v5e / v6e slices by chips.
 _TPU = {
-    "v5e": ("TPU v5e", 16 * GIB, {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}, 1),
-    "v6e": ("TPU v6e", 32 * GIB, {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}, 1),
+    "v5e": ("TPU v5e", 16 * GIB, {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}, 1),
+    "v6e": ("TPU v6e", 32 * GIB, {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}, 1),
     "v5p": ("TPU v5p", 95 * GIB, {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
                                   256: "4x8x8"}, 2),
 }
@@ -102,10 +102,14 @@ def gpu_target_config(target: Target) -> str:
 
 def devices(target: Target) -> list[Any]:
   """The target's devices for ahead-of-time compilation (no accelerator needed)."""
+  import os
   from jax.experimental import topologies
+  # describing a slice owns no TPU: several processes (tests, a plan beside a run) may load libtpu at once
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     if target.platform == "tpu":
-      topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu")
+      kw = {"chips_per_host_bounds": [1, 1, 1]} if target.chips == 1 else {}  # a single-chip host
+      topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu", **kw)
     else:
       topo = topologies.get_topology_desc(platform="cuda", topology=target.topology,
                                           target_config=gpu_target_config(target))
