@@ -29,6 +29,8 @@ class ScoredRollout:
   old_values_bt: jax.Array
   advantages_bt: jax.Array
   returns_bt: jax.Array
+  old_cost_values_bt: jax.Array | None = None  # PPO-Lagrangian: the cost head's values and GAE targets
+  cost_returns_bt: jax.Array | None = None
 
 
 @flax.struct.dataclass

@@ -28,12 +28,15 @@ class TokenRewards:
   neither): sequence_b [B] (outcome terms) and token_bt [B, T] (terms on their tokens), with
   values_bt = token_bt + sequence_b on each row's last completion token. Token-level GRPO / RLOO
   (`rl.compute_advantages(sequence_rewards_b=..., token_rewards_bt=...)`) needs them; None: values_bt only.
+  cost_bt: P(unsafe) of each completion token, unweighted and in none of the above (when asked for: the
+  PPO-Lagrangian's cost).
   """
   values_bt: jax.Array
   components: dict[str, jax.Array]
   info: dict[str, jax.Array]
   sequence_b: jax.Array | None = None
   token_bt: jax.Array | None = None
+  cost_bt: jax.Array | None = None  # [B, T] a safety cost apart from the reward (PPO-Lagrangian), or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,13 +156,15 @@ def place_at_last_token(values_b: np.ndarray, mask_bt: np.ndarray) -> np.ndarray
 
 
 def to_token_rewards(values_bt: np.ndarray, components: dict[str, np.ndarray], info: dict[str, float], *,
-                     sequence_b: np.ndarray | None = None, token_bt: np.ndarray | None = None) -> TokenRewards:
+                     sequence_b: np.ndarray | None = None, token_bt: np.ndarray | None = None,
+                     cost_bt: np.ndarray | None = None) -> TokenRewards:
   if (sequence_b is None) != (token_bt is None):
     raise CotsafeError("to_token_rewards: sequence_b and token_bt go together (values_bt = token_bt + "
                        "sequence_b on the last token)")
   f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)  # noqa: E731
   return TokenRewards(values_bt=f32(values_bt), components={k: f32(v) for k, v in components.items()},
-                      info={k: f32(v) for k, v in info.items()}, sequence_b=f32(sequence_b), token_bt=f32(token_bt))
+                      info={k: f32(v) for k, v in info.items()}, sequence_b=f32(sequence_b), token_bt=f32(token_bt),
+                      cost_bt=f32(cost_bt))
 
 
 def split_think(text: str, *, open_tag: str = THINK_OPEN, close_tag: str = THINK_CLOSE) -> tuple[str, str, int]:

@@ -36,13 +36,17 @@ class CompositeReward:
   never safe: its sequence-safety P_unsafe is raised to at least `unfinished_unsafe` (default 1: scored
   unsafe), whatever the scorer said about the text so far, and it earns no refusal reward (a refusal
   that was cut off may still turn into compliance). Its token-level terms are unchanged.
+
+  token_cost=True also returns cost_bt = P_unsafe(t) of the token_safety scorer, unweighted, whatever
+  w_tok: the PPO-Lagrangian's cost, kept out of the reward (set w_tok to 0 then, or it is counted twice).
   """
 
   def __init__(self, *, weights: Mapping[str, Mapping[str, float]] = DEFAULT_WEIGHTS,
                token_safety: SafetyScorer | None = None, sequence_safety: SafetyScorer | None = None,
                sequence_part: str = "response", refusal: RefusalDetector | None = None,
                clip: float | None = None, require_open_tag: bool = False,
-               think_tags: tuple[str, str] = ("<think>", "</think>"), unfinished_unsafe: float = 1.0):
+               think_tags: tuple[str, str] = ("<think>", "</think>"), unfinished_unsafe: float = 1.0,
+               token_cost: bool = False):
     for kind, table in weights.items():
       if kind not in KINDS:
         raise CotsafeError(f"CompositeReward.weights: unknown kind {kind!r}, expected one of {', '.join(KINDS)}")
@@ -61,6 +65,8 @@ class CompositeReward:
                          "resolution (use a safety RM, or a guard judge in 'parts' or 'stepwise' mode)")
     if uses("sequence_safety") and sequence_safety is None:
       raise CotsafeError("CompositeReward: weights use sequence_safety but no sequence_safety scorer is given")
+    if token_cost and token_safety is None:
+      raise CotsafeError("CompositeReward: token_cost=True needs a token_safety scorer (the cost is its P(unsafe))")
     if sequence_part not in SEQUENCE_PARTS:
       raise CotsafeError(f"CompositeReward: sequence_part={sequence_part!r}, expected one of "
                          f"{', '.join(SEQUENCE_PARTS)}")
@@ -70,6 +76,7 @@ class CompositeReward:
       raise CotsafeError(f"CompositeReward: unfinished_unsafe={unfinished_unsafe} must be in (0, 1] (the "
                          "P(unsafe) an unfinished completion's missing answer gets at least; 0 would score it safe)")
     self.unfinished_unsafe = float(unfinished_unsafe)
+    self.token_cost = bool(token_cost)
     self.weights = {k: {c: float(weights.get(k, {}).get(c, 0.0)) for c in COMPONENTS} for k in KINDS}
     self.token_safety, self.sequence_safety = token_safety, sequence_safety
     self.sequence_part = sequence_part
@@ -110,10 +117,13 @@ class CompositeReward:
         scored[id(scorer)] = scorer.score(batch)
       return scored[id(scorer)]
 
-    if w["token_safety"].any():
+    cost_bt = None
+    if w["token_safety"].any() or self.token_cost:
       p_bt = np.where(mask_bt, np.asarray(score(self.token_safety).token_unsafe_bt, np.float32), 0.0)
-      comps["token_safety"] = -w["token_safety"][:, None] * p_bt
+      if w["token_safety"].any():
+        comps["token_safety"] = -w["token_safety"][:, None] * p_bt
       info["token_unsafe_mean"] = float(p_bt.sum() / max(mask_bt.sum(), 1))
+      cost_bt = p_bt if self.token_cost else None
     seq_b: dict[str, np.ndarray] = {}
     if w["sequence_safety"].any():
       p_b = np.asarray(self._sequence_unsafe(score(self.sequence_safety)), np.float32)
@@ -154,4 +164,4 @@ class CompositeReward:
     comps.update(seq_b)
     info["reward_sum_mean"] = float(values_bt.sum(axis=1).mean())
     info["empty_rows"] = float((~mask_bt.any(axis=1)).sum())
-    return to_token_rewards(values_bt, comps, info, sequence_b=sequence_b, token_bt=token_bt)
+    return to_token_rewards(values_bt, comps, info, sequence_b=sequence_b, token_bt=token_bt, cost_bt=cost_bt)

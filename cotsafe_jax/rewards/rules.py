@@ -43,3 +43,23 @@ class TokenSetReward:
     values_bt = np.where(hit_bt, self.bonus, -self.cost) * mask_bt
     info = {"target_token_rate": float(hit_bt.sum() / max(mask_bt.sum(), 1))}
     return to_token_rewards(values_bt.astype(np.float32), {"token_set": values_bt.astype(np.float32)}, info)
+
+
+class TokenSetScorer:
+  """A rule-based SafetyScorer with token resolution: P(unsafe) = 1 on every completion token whose id is in
+  `token_ids` (or that decodes to one of `words`), else 0; sequences and parts pooled by max. For smoke runs
+  and tests of the safety terms (e.g. the PPO-Lagrangian cost) without a trained model."""
+  token_level = True
+
+  def __init__(self, *, words: Sequence[str] = (), token_ids: Sequence[int] = ()):
+    self._set = TokenSetReward(words=words, token_ids=token_ids)
+
+  def score(self, batch: RewardBatch):
+    from cotsafe_jax.rewards.base import SafetyScores, part_masks
+    mask_bt = np.asarray(batch.completion_mask_bt, bool)
+    p_bt = (np.isin(np.asarray(batch.completion_tokens_bt), self._set._target_ids(batch.tokenizer))
+            & mask_bt).astype(np.float32)
+    reasoning_bt, answer_bt = part_masks(batch)
+    pool = lambda m: np.where(m, p_bt, 0.0).max(axis=1) if p_bt.size else np.zeros(len(p_bt))  # noqa: E731
+    return SafetyScores(token_unsafe_bt=p_bt, sequence_unsafe_b=pool(mask_bt),
+                        parts={"reasoning": pool(reasoning_bt), "answer": pool(answer_bt)})

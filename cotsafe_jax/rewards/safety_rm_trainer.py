@@ -17,11 +17,12 @@ from jax.sharding import Mesh
 from cotsafe_jax import models
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.parallel import mesh as mesh_lib
-from cotsafe_jax.rewards.safety_rm import (SafetyRM, check_pool, init_safety_rm, pool_probs, pooled_log_probs,
-                                           token_logits)
+from cotsafe_jax.rewards.safety_rm import (SafetyRM, check_pool, init_safety_rm, param_shapes, param_shardings,
+                                           pool_probs, pooled_log_probs, token_logits)
 from cotsafe_jax.rewards.safety_rm_data import Encoded, encode_file
+from cotsafe_jax.train.guard import StepGuard
 from cotsafe_jax.train.logging import MetricLogger
-from cotsafe_jax.train.optim import make_optimizer
+from cotsafe_jax.train.optim import make_optimizer, opt_state_shardings
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -106,7 +107,8 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
                     seed: int = 0, warmup_steps: int | None = None, weight_decay: float = 0.0,
                     checkpoint_every: int = 500, log_every: int = 10,
                     columns: Mapping[str, str] | str | None = None, on_bad_row: str = "raise",
-                    mesh: Mesh | None = None, stop_token_id: int | None = None) -> dict[str, Any]:
+                    mesh: Mesh | None = None, stop_token_id: int | None = None, remat: str = "none",
+                    max_nonfinite_steps: int = 3) -> dict[str, Any]:
   """Train the token-level safety RM; returns the held-out metrics and where the export went.
 
   backbone: an HF dir (loaded) or a ModelConfig (initialised with `seed`); tokenizer_dir defaults to the
@@ -115,6 +117,9 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
   labelled safe: PPO scores it (safety_rm_data.encode_row says why). pos_weight None = n_negative / n_positive
   over the training tokens. Resumes from the latest
   checkpoint in workdir/checkpoints. Writes metrics.jsonl, TensorBoard events, summary.json, export/.
+  The state (params and AdamW moments) is born sharded on `mesh`; remat: the backbone's rematerialisation
+  (models.REMAT_POLICIES). A step with a non-finite loss or gradients changes nothing (counted, its rows
+  logged); max_nonfinite_steps of them in a row stop the job.
   """
   check_pool(seq_pool)
   if steps < 1 or batch_size < 1 or max_len < 8:
@@ -136,19 +141,31 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
     pos_weight = n_neg / n_pos if n_pos else 1.0
   rm = init_safety_rm(backbone=backbone, tokenizer=tokenizer, seed=seed, seq_pool=seq_pool, mesh=mesh)
   rm.batch_size = batch_size
-  cfg = rm.cfg
+  rm.cfg = cfg = rm.cfg.replace(remat=remat)
   optimizer = make_optimizer(learning_rate=learning_rate, warmup_steps=warmup_steps if warmup_steps is not None
                              else max(steps // 20, 0), total_steps=steps, weight_decay=weight_decay)
-  state = {"params": rm.params, "opt_state": jax.jit(optimizer.init)(rm.params)}
+  shardings = None
+  if mesh is not None:  # the state born sharded: AdamW moments split like their params
+    p_sh = param_shardings(cfg, mesh)
+    shardings = {"params": p_sh, "opt_state": opt_state_shardings(optimizer, param_shapes(cfg), p_sh,
+                                                                 mesh_lib.replicated(mesh))}
+  state = {"params": rm.params,
+           "opt_state": jax.jit(optimizer.init, out_shardings=shardings and shardings["opt_state"])(rm.params)}
 
   def train_step(state, batch):
     grads, metrics = jax.grad(lambda p: rm_loss(cfg, p, batch, pos_weight=float(pos_weight), seq_pool=seq_pool),
                               has_aux=True)(state["params"])
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     metrics["grad_norm"] = optax.global_norm(grads)
-    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, metrics
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])  # else: a skipped step
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    metrics["nonfinite"] = 1.0 - ok.astype(jnp.float32)
+    return {"params": keep(optax.apply_updates(state["params"], updates), state["params"]),
+            "opt_state": keep(opt_state, state["opt_state"])}, metrics
 
-  train_step = jax.jit(train_step, donate_argnums=(0,))
+  train_step = mesh_lib.OnMesh(jax.jit(train_step, in_shardings=(shardings, None) if shardings else None,
+                                       out_shardings=(shardings, None) if shardings else None,
+                                       donate_argnums=(0,)), mesh)
   workdir = os.path.abspath(workdir)
   manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
                                   options=ocp.CheckpointManagerOptions(max_to_keep=2,
@@ -159,11 +176,20 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
   logger = MetricLogger(workdir, total_steps=steps, resume_step=start or None, postfix_keys=("loss",),
                         desc="safety_rm")
   metrics: dict[str, Any] = {}
+  guard = StepGuard(workdir, job="train_safety_rm", max_nonfinite_steps=max_nonfinite_steps)
   for step in range(start, steps):
-    batch = _put(train.take(_batch_indices(len(train), batch_size, step, seed)), mesh)
-    state, metrics = train_step(state, batch)
-    if (step + 1) % log_every == 0 and step + 1 < steps:
-      logger.write(step + 1, jax.device_get(metrics))
+    rows = _batch_indices(len(train), batch_size, step, seed)
+    state, metrics = train_step(state, _put(train.take(rows), mesh))
+    metrics = jax.device_get(metrics)
+    metrics.update(guard.observe(step + 1, finite=float(metrics["nonfinite"]) == 0.0, loss=float(metrics["loss"]),
+                                 row_ids=[f"{train_path} row {i + 1}" for i in rows]))
+    if guard.must_stop:
+      logger.write(step + 1, metrics)
+      manager.wait_until_finished()
+      manager.close()
+      raise guard.error(step + 1)
+    if ((step + 1) % log_every == 0 and step + 1 < steps) or metrics["guard/skipped"]:
+      logger.write(step + 1, metrics)
     if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
       manager.save(step + 1, args=ocp.args.StandardSave(state), force=True)
   manager.wait_until_finished()

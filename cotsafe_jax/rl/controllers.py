@@ -59,29 +59,36 @@ def update_kl_controller(cfg: AdaptiveKLConfig, state: KLControllerState, *, cur
 @struct.dataclass
 class LagrangianState:
   lam: jax.Array        # float32 scalar, in [0, max_lambda]
-  cost_ema: jax.Array   # float32 scalar: running unsafe-token rate
+  cost_ema: jax.Array   # float32 scalar: the running cost J
   num_updates: jax.Array  # int32 scalar
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LagrangianConfig:
-  """Safety budget by a Lagrange multiplier on the token-level cost (PPO-Lag, Safe RLHF).
+  """Safety budget by a Lagrange multiplier on a cost apart from the reward: PPO-Lagrangian as in Safe RLHF
+  (Dai et al. 2023). The cost c_t is P(unsafe) of each completion token (CompositeReward(token_cost=True)); a
+  second value head on the critic learns its values; the policy's advantage is (A_r - lam A_c) / (1 + lam).
 
-  The reward carries -lam * unsafe_t. Dual ascent on the running cost:
-    ema <- decay * ema + (1 - decay) * rate    (ema = rate on the first update)
-    lam <- clip(lam + lr * (ema - target_rate), 0, max_lambda)
-  so lam rises while the unsafe-token rate is over budget and decays back to 0 below it.
+  Dual ascent on the same cost, measured `per` token (the batch's mean c_t over valid tokens) or per
+  episode (the batch's mean of each completion's summed c_t):
+    J    <- J_batch                                   on the first update
+    J    <- ema_decay * J + (1 - ema_decay) * J_batch  after (ema_decay 0: the batch's own cost)
+    lam  <- clip(lam + lr * (J - budget), 0, max_lambda)
+  so lam rises while the cost is over budget and decays back to 0 below it.
   """
-  target_rate: float
+  budget: float
+  per: str = "token"
   lr: float = 0.05
   init_lambda: float = 0.0
   max_lambda: float = 10.0
-  ema_decay: float = 0.9
+  ema_decay: float = 0.0
 
   def __post_init__(self):
-    if not 0.0 <= self.target_rate <= 1.0:
-      raise CotsafeError(f"LagrangianConfig: target_rate={self.target_rate} must be in [0, 1] "
-                         "(a fraction of unsafe tokens)")
+    if self.per not in ("token", "episode"):
+      raise CotsafeError(f"LagrangianConfig: per={self.per!r}, expected 'token' or 'episode'")
+    if not self.budget >= 0.0 or (self.per == "token" and self.budget > 1.0):
+      raise CotsafeError(f"LagrangianConfig: budget={self.budget} must be >= 0 (and <= 1 per token: a mean "
+                         "P(unsafe))")
     if not self.lr > 0.0:
       raise CotsafeError(f"LagrangianConfig: lr={self.lr} must be > 0")
     if not self.max_lambda > 0.0 or not 0.0 <= self.init_lambda <= self.max_lambda:
@@ -96,13 +103,20 @@ def init_lagrangian(cfg: LagrangianConfig) -> LagrangianState:
                          cost_ema=jnp.zeros((), jnp.float32), num_updates=jnp.zeros((), jnp.int32))
 
 
-def update_lagrangian(cfg: LagrangianConfig, state: LagrangianState, *,
-                      unsafe_rate) -> LagrangianState:
-  """One dual step after a batch whose fraction of unsafe valid tokens is `unsafe_rate`."""
-  rate = jnp.asarray(unsafe_rate, jnp.float32)
-  ema = jnp.where(state.num_updates == 0, rate,
-                  cfg.ema_decay * state.cost_ema + (1.0 - cfg.ema_decay) * rate)
-  lam = jnp.clip(state.lam + cfg.lr * (ema - cfg.target_rate), 0.0, cfg.max_lambda)
+def batch_cost(cfg: LagrangianConfig, cost_bt, mask_bt) -> jax.Array:
+  """J_batch: mean cost per valid token (per='token') or mean summed cost per completion (per='episode')."""
+  m = jnp.asarray(mask_bt, jnp.float32)
+  c = jnp.asarray(cost_bt, jnp.float32) * m
+  if cfg.per == "token":
+    return c.sum() / jnp.maximum(m.sum(), 1.0)
+  return c.sum(axis=1).mean()
+
+
+def update_lagrangian(cfg: LagrangianConfig, state: LagrangianState, *, cost) -> LagrangianState:
+  """One dual step after a batch whose cost (`batch_cost`) is `cost`."""
+  cost = jnp.asarray(cost, jnp.float32)
+  ema = jnp.where(state.num_updates == 0, cost, cfg.ema_decay * state.cost_ema + (1.0 - cfg.ema_decay) * cost)
+  lam = jnp.clip(state.lam + cfg.lr * (ema - cfg.budget), 0.0, cfg.max_lambda)
   return LagrangianState(lam=lam, cost_ema=ema, num_updates=state.num_updates + 1)
 
 

@@ -15,7 +15,7 @@ from cotsafe_jax import kernels, models
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.models import heads
 from cotsafe_jax.parallel.mesh import constrain
-from cotsafe_jax.rl.advantages import AdvantageConfig, compute_advantages
+from cotsafe_jax.rl.advantages import AdvantageConfig, compute_advantages, place_at_last_valid
 from cotsafe_jax.rl.controllers import AdaptiveKLConfig, LagrangianConfig
 from cotsafe_jax.rl.kl import KL_KINDS, check_loss_kind, kl_loss, token_kl
 from cotsafe_jax.rl.losses import PolicyLoss, ValueLoss, explained_variance
@@ -27,7 +27,13 @@ KL_MODES = ("reward", "loss", "none")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PPOConfig:
   """The PPO update. kl_mode: "reward" subtracts kl_coef * KL_t from r_t; "loss" adds kl_coef * KL to the
-  policy loss; "none" only logs it. adaptive_kl replaces the fixed kl_coef by a controller."""
+  policy loss; "none" only logs it. adaptive_kl replaces the fixed kl_coef by a controller. lagrangian:
+  PPO-Lagrangian on the reward's separate cost (a cost value head on the critic; see LagrangianConfig).
+
+  temperature: the sampling temperature (the trainer requires RolloutConfig.temperature to equal it).
+  tis_cap: truncated importance sampling of the sampler's distribution (top-p / top-k filtered, computed
+  by the sampler's numerics) against the trainer's old policy: each token's advantage is weighted by
+  min(pi_old(y) / q_sampler(y), tis_cap) (Yao et al. 2025, as in verl's TIS); None: no correction."""
   advantage: AdvantageConfig = AdvantageConfig()
   policy_loss: PolicyLoss = PolicyLoss()
   value_loss: ValueLoss = ValueLoss()
@@ -44,6 +50,7 @@ class PPOConfig:
   score_microbatches: int | None = None  # None: the update's micro-batch size (minibatches x microbatches)
   temperature: float = 1.0
   logprob_impl: str = "auto"
+  tis_cap: float | None = 2.0
 
   def __post_init__(self):
     if self.kl_mode not in KL_MODES:
@@ -58,6 +65,8 @@ class PPOConfig:
     if self.microbatch_rows_per_device is not None and self.microbatch_rows_per_device < 1:
       raise CotsafeError(f"PPOConfig.microbatch_rows_per_device={self.microbatch_rows_per_device} must be >= 1 "
                          "(or None: num_microbatches as set)")
+    if self.tis_cap is not None and not self.tis_cap > 0:
+      raise CotsafeError(f"PPOConfig.tis_cap={self.tis_cap} must be > 0 (or None: no importance correction)")
     if self.score_microbatches is not None and self.score_microbatches < 1:
       raise CotsafeError(f"PPOConfig.score_microbatches={self.score_microbatches} must be >= 1 (or None)")
     if not self.temperature > 0:
@@ -108,11 +117,19 @@ def completion_logprobs(cfg: models.ModelConfig, params: Any, tokens_bs: jax.Arr
 
 
 def critic_values(cfg: models.ModelConfig, params: Any, tokens_bs: jax.Array, mask_bs: jax.Array, *,
-                  num_completion: int) -> jax.Array:
-  """V(state before completion token t), float32 [B, T]."""
+                  num_completion: int) -> dict[str, jax.Array]:
+  """The critic's heads on the states before each completion token and after the last one (float32):
+  values_bt [B, T], bootstrap_b [B] (V after the last slot: what GAE bootstraps a row cut at max_new_tokens
+  from), and with a cost head cost_values_bt / cost_bootstrap_b."""
   h_bsd = models.hidden_states(cfg, params["backbone"], tokens_bs, attention_mask_bt=mask_bs)
   s = tokens_bs.shape[1]
-  return heads.apply_head(heads.ValueHead(), params["head"], h_bsd[:, s - num_completion - 1:s - 1])
+  h_btd = h_bsd[:, s - num_completion - 1:]
+  out = {}
+  for name, prefix in (("head", ""), ("cost_head", "cost_")):
+    if name in params:
+      v_bt = heads.apply_head(heads.ValueHead(), params[name], h_btd)
+      out[prefix + "values_bt"], out[prefix + "bootstrap_b"] = v_bt[:, :-1], v_bt[:, -1]
+  return out
 
 
 def critic_config(cfg: models.ModelConfig) -> models.ModelConfig:
@@ -125,22 +142,29 @@ def critic_backbone(params: Any) -> Any:
   return {k: v for k, v in params.items() if k != "lm_head"}
 
 
-def init_critic(cfg: models.ModelConfig, backbone: Any, rng: jax.Array, *, mesh=None) -> dict[str, Any]:
-  """A zero-initialised value head on `backbone` (decoder params of `critic_config(cfg)`)."""
-  head = heads.init_head(heads.ValueHead(), rng, embed_dim=cfg.hidden_size, mesh=mesh)
-  return {"backbone": critic_backbone(backbone), "head": head}
+def init_critic(cfg: models.ModelConfig, backbone: Any, rng: jax.Array, *, mesh=None,
+                cost_head: bool = False) -> dict[str, Any]:
+  """Zero-initialised value head(s) on `backbone` (decoder params of `critic_config(cfg)`): "head" for the
+  reward, and "cost_head" for a PPO-Lagrangian's cost (a second head, not a second model)."""
+  out = {"backbone": critic_backbone(backbone),
+         "head": heads.init_head(heads.ValueHead(), rng, embed_dim=cfg.hidden_size, mesh=mesh)}
+  if cost_head:
+    out["cost_head"] = heads.init_head(heads.ValueHead(), rng, embed_dim=cfg.hidden_size, mesh=mesh)
+  return out
 
 
-def critic_shapes(cfg: models.ModelConfig) -> dict[str, Any]:
-  """ShapeDtypeStructs of the critic's params (backbone + value head)."""
+def critic_shapes(cfg: models.ModelConfig, *, cost_head: bool = False) -> dict[str, Any]:
+  """ShapeDtypeStructs of the critic's params (backbone + value head(s))."""
   head = jax.eval_shape(lambda r: heads.init_head(heads.ValueHead(), r, embed_dim=cfg.hidden_size),
                         jax.random.key(0))
-  return {"backbone": models.param_shapes(cfg), "head": head}
+  out = {"backbone": models.param_shapes(cfg), "head": head}
+  return {**out, "cost_head": head} if cost_head else out
 
 
-def critic_shardings(cfg: models.ModelConfig, mesh) -> dict[str, Any]:
-  return {"backbone": models.param_shardings(cfg, mesh),
-          "head": heads.head_shardings(heads.ValueHead(), embed_dim=cfg.hidden_size, mesh=mesh)}
+def critic_shardings(cfg: models.ModelConfig, mesh, *, cost_head: bool = False) -> dict[str, Any]:
+  head = heads.head_shardings(heads.ValueHead(), embed_dim=cfg.hidden_size, mesh=mesh)
+  out = {"backbone": models.param_shardings(cfg, mesh), "head": head}
+  return {**out, "cost_head": head} if cost_head else out
 
 
 def microbatches(x: jax.Array, m: int) -> jax.Array:
@@ -161,7 +185,8 @@ def _constrain_rows(tree: Any) -> Any:
 
 def score_fn(policy_cfg: models.ModelConfig, critic_cfg: models.ModelConfig | None, ppo: PPOConfig, *,
              num_completion: int, num_chunks: int = 1) -> Callable:
-  """(policy, reference, critic, rollout) -> dict of old_logp_bt, ref_logp_bt, entropy_bt, values_bt.
+  """(policy, reference, critic, rollout) -> dict of old_logp_bt, ref_logp_bt, entropy_bt, values_bt,
+  bootstrap_b (and cost_values_bt, cost_bootstrap_b with a cost head); zeros for the values without a critic.
 
   The rollout is scored in `num_chunks` micro-batches one after another (lax.map), so the forward passes'
   activations are those of one micro-batch, not of the whole rollout batch."""
@@ -175,10 +200,11 @@ def score_fn(policy_cfg: models.ModelConfig, critic_cfg: models.ModelConfig | No
     m_bt = rollout.completion_mask_bt.astype(jnp.float32)
     out = {"old_logp_bt": logp_bt * m_bt, "ref_logp_bt": ref_bt * m_bt, "entropy_bt": ent_bt * m_bt}
     if critic is not None:
-      out["values_bt"] = critic_values(critic_cfg, critic, rollout.tokens_bs, rollout.mask_bs,
-                                       num_completion=num_completion) * m_bt
+      values = critic_values(critic_cfg, critic, rollout.tokens_bs, rollout.mask_bs,
+                             num_completion=num_completion)
+      out.update({k: v * m_bt if k.endswith("_bt") else v for k, v in values.items()})
     else:
-      out["values_bt"] = jnp.zeros_like(logp_bt)
+      out.update(values_bt=jnp.zeros_like(logp_bt), bootstrap_b=jnp.zeros_like(logp_bt[:, 0]))
     return out
 
   def score(policy, reference, critic, rollout: Rollout):
@@ -191,18 +217,54 @@ def score_fn(policy_cfg: models.ModelConfig, critic_cfg: models.ModelConfig | No
 
 
 def advantage_fn(ppo: PPOConfig) -> Callable:
-  """(rewards_bt, mask_bt, values_bt, old_logp_bt, ref_logp_bt, kl_coef, lagrange_cost_bt, lam)
-  -> (advantages_bt, returns_bt, final rewards_bt, kl_bt)."""
-  def step(rewards_bt, mask_bt, values_bt, old_logp_bt, ref_logp_bt, kl_coef, cost_bt, lam):
-    m_bt = mask_bt.astype(jnp.float32)
-    kl_bt = token_kl(old_logp_bt, ref_logp_bt, kind=ppo.kl_kind, kl_clamp=ppo.kl_clamp) * m_bt
-    r_bt = rewards_bt.astype(jnp.float32) - lam * cost_bt
-    if ppo.kl_mode == "reward":
-      r_bt = r_bt - kl_coef * kl_bt
-    r_bt = r_bt * m_bt
-    adv_bt, ret_bt = compute_advantages(ppo.advantage, rewards_bt=r_bt, mask_bt=m_bt,
-                                        values_bt=values_bt if ppo.uses_critic else None)
-    return adv_bt * m_bt, ret_bt * m_bt, r_bt, kl_bt
+  """(inputs) -> outputs, both dicts of [B, T] / [B] arrays and scalars.
+
+  inputs: mask_bt, old_logp_bt, ref_logp_bt, sampler_logp_bt, values_bt, bootstrap_b, finished_b, kl_coef,
+    and the rewards: rewards_bt (dense), or sequence_b [B] + token_bt [B, T] (split: token-level GRPO /
+    RLOO keep token terms on their tokens); with a Lagrangian also cost_bt, cost_values_bt, cost_bootstrap_b,
+    lam.
+  The KL penalty (kl_mode "reward") is a token term: r_t -= kl_coef * KL_t. Rows that did not finish
+  bootstrap from the critic's value after their last token (GAE).
+  PPO-Lagrangian (Safe RLHF): A = (A_r - lam * A_c) / (1 + lam), A_c the same estimator on the cost.
+  Truncated IS (tis_cap): A_t *= min(exp(old_logp_t - sampler_logp_t), tis_cap), a stop-gradient weight per
+  token, so the clipped surrogate's gradient is that of the sampler's distribution reweighted to pi_old.
+  outputs: advantages_bt, returns_bt, rewards_bt (the final per-token rewards, logged), kl_bt, and with a
+  Lagrangian cost_returns_bt; plus scalar diagnostics of the sampler / trainer log-prob mismatch."""
+  def step(x: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    m_bt = x["mask_bt"].astype(jnp.float32)
+    kl_bt = token_kl(x["old_logp_bt"], x["ref_logp_bt"], kind=ppo.kl_kind, kl_clamp=ppo.kl_clamp) * m_bt
+    kl_r_bt = x["kl_coef"] * kl_bt if ppo.kl_mode == "reward" else jnp.zeros_like(kl_bt)
+    critic = dict(values_bt=x["values_bt"] if ppo.uses_critic else None, finished_b=x["finished_b"],
+                  bootstrap_values_b=x["bootstrap_b"])
+    if "sequence_b" in x:
+      token_bt = (x["token_bt"] - kl_r_bt) * m_bt
+      adv_bt, ret_bt = compute_advantages(ppo.advantage, mask_bt=m_bt, sequence_rewards_b=x["sequence_b"],
+                                          token_rewards_bt=token_bt, **critic)
+      rewards_bt = token_bt + place_at_last_valid(x["sequence_b"], m_bt)
+    else:
+      rewards_bt = (x["rewards_bt"].astype(jnp.float32) - kl_r_bt) * m_bt
+      adv_bt, ret_bt = compute_advantages(ppo.advantage, rewards_bt=rewards_bt, mask_bt=m_bt, **critic)
+    out = {"rewards_bt": rewards_bt, "kl_bt": kl_bt}
+    if ppo.lagrangian is not None:
+      lam = x["lam"]
+      cost_adv_bt, cost_ret_bt = compute_advantages(
+          ppo.advantage, rewards_bt=x["cost_bt"] * m_bt, mask_bt=m_bt,
+          values_bt=x["cost_values_bt"] if ppo.uses_critic else None, finished_b=x["finished_b"],
+          bootstrap_values_b=x["cost_bootstrap_b"])
+      adv_bt = (adv_bt - lam * cost_adv_bt) / (1.0 + lam)
+      out["cost_returns_bt"] = cost_ret_bt * m_bt
+    n = jnp.maximum(m_bt.sum(), 1.0)
+    diff_bt = (x["sampler_logp_bt"] - x["old_logp_bt"]) * m_bt  # log q_sampler - log pi_old, on q's samples
+    out["logprob_abs_diff"] = jnp.abs(diff_bt).sum() / n
+    out["logprob_kl"] = diff_bt.sum() / n  # KL(q || pi_old) estimated from the sampler's own draws
+    if ppo.tis_cap is not None:
+      raw_bt = jnp.exp(jnp.clip(-diff_bt, -30.0, 30.0))
+      w_bt = jnp.minimum(raw_bt, ppo.tis_cap)
+      adv_bt = adv_bt * jax.lax.stop_gradient(w_bt)
+      out["tis_weight_mean"] = (w_bt * m_bt).sum() / n
+      out["tis_clipped_frac"] = ((raw_bt > ppo.tis_cap) * m_bt).sum() / n
+    out["advantages_bt"], out["returns_bt"] = adv_bt * m_bt, ret_bt * m_bt
+    return out
   return step
 
 
@@ -212,7 +274,12 @@ def update_fn(policy_cfg: models.ModelConfig, critic_cfg: models.ModelConfig | N
   """(state, minibatch, kl_coef) -> (state, metrics). Gradients accumulate over microbatches; losses are
   normalised by the minibatch's global token / sequence counts, so the sum over microbatches is the
   minibatch loss whatever the split or the data-parallel size. `grad_shardings` (a (policy, critic) pair of
-  sharding trees) keeps the float32 gradient accumulators split like the params."""
+  sharding trees) keeps the float32 gradient accumulators split like the params.
+
+  Non-finite guard: a model whose summed loss or gradient norm is not finite keeps its params and optimizer
+  state (metrics nonfinite/policy, nonfinite/critic are 1 then; the trainer skips the step's controllers
+  and stops after several such steps in a row). The policy is updated before the critic's gradients exist
+  (memory), so a non-finite critic does not undo a finite policy update of the same minibatch."""
   kw = dict(num_completion=num_completion)
 
   def policy_loss(params, mb: ScoredRollout, counts, kl_coef):
@@ -230,9 +297,16 @@ def update_fn(policy_cfg: models.ModelConfig, critic_cfg: models.ModelConfig | N
     return loss, metrics
 
   def value_loss(params, mb: ScoredRollout, counts):
-    values_bt = critic_values(critic_cfg, params, mb.tokens_bs, mb.mask_bs, **kw)
-    return ppo.value_loss(values_bt=values_bt, old_values_bt=mb.old_values_bt, returns_bt=mb.returns_bt,
-                          mask_bt=mb.completion_mask_bt, **counts)
+    values = critic_values(critic_cfg, params, mb.tokens_bs, mb.mask_bs, **kw)
+    loss, metrics = ppo.value_loss(values_bt=values["values_bt"], old_values_bt=mb.old_values_bt,
+                                   returns_bt=mb.returns_bt, mask_bt=mb.completion_mask_bt, **counts)
+    if "cost_values_bt" in values:  # the PPO-Lagrangian's cost head, same loss on the cost's GAE targets
+      cost_loss, cost_metrics = ppo.value_loss(values_bt=values["cost_values_bt"],
+                                               old_values_bt=mb.old_cost_values_bt, returns_bt=mb.cost_returns_bt,
+                                               mask_bt=mb.completion_mask_bt, **counts)
+      metrics = {**metrics, **{f"cost_{k}": v for k, v in cost_metrics.items()}}
+      loss = loss + cost_loss
+    return loss, metrics
 
   def split_like_params(tree, shardings):
     return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
@@ -241,14 +315,28 @@ def update_fn(policy_cfg: models.ModelConfig, critic_cfg: models.ModelConfig | N
     return split_like_params(jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree), shardings)
 
   def accumulate(loss_fn, params, shardings, micro, *args):
-    """Sum over micro-batches of loss_fn's gradients (and its additive metrics), split like the params."""
-    def body(g_acc, one: ScoredRollout):
-      (_, met), g = jax.value_and_grad(loss_fn, has_aux=True)(params, _constrain_rows(one), *args)
+    """Sum over micro-batches of loss_fn's gradients (and its additive metrics), split like the params, and
+    whether the summed loss is finite."""
+    def body(carry, one: ScoredRollout):
+      g_acc, loss_acc = carry
+      (loss, met), g = jax.value_and_grad(loss_fn, has_aux=True)(params, _constrain_rows(one), *args)
       # The barrier keeps XLA from moving the gradients' reduce-scatters out of the loop (one collective at
       # the end, but whole-size accumulators); the constraint keeps the accumulators split like the params.
       g = jax.lax.optimization_barrier(g)
-      return split_like_params(jax.tree.map(jnp.add, g_acc, g), shardings), met
-    return jax.lax.scan(body, zeros(params, shardings), micro)
+      return (split_like_params(jax.tree.map(jnp.add, g_acc, g), shardings), loss_acc + loss), met
+    (g, loss), per_micro = jax.lax.scan(body, (zeros(params, shardings), jnp.float32(0.0)), micro)
+    return g, jnp.isfinite(loss), per_micro
+
+  def apply(tx, grads, loss_finite, opt_state, params, name, metrics):
+    """The optimizer step, or no change when the loss or the gradients are not finite."""
+    norm = optax.global_norm(grads)
+    ok = loss_finite & jnp.isfinite(norm)
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    metrics[f"grad_norm/{name}"] = norm
+    metrics[f"nonfinite/{name}"] = 1.0 - ok.astype(jnp.float32)
+    return keep(new_params, params), keep(new_opt, opt_state)
 
   def update(state: TrainState, mb: ScoredRollout, kl_coef):
     mask = mb.completion_mask_bt.astype(jnp.float32)
@@ -257,21 +345,17 @@ def update_fn(policy_cfg: models.ModelConfig, critic_cfg: models.ModelConfig | N
     pol_sh, cri_sh = grad_shardings if grad_shardings is not None else (None, None)
     # policy, then critic: each model's gradients are summed and applied before the other's are computed, so
     # only one model's float32 gradient trees are alive at a time
-    g_pol, per_micro = accumulate(policy_loss, state.policy, pol_sh, micro, counts, kl_coef)
+    g_pol, pol_finite, per_micro = accumulate(policy_loss, state.policy, pol_sh, micro, counts, kl_coef)
     # every metric is normalised by the minibatch's global counts: the sum over microbatches is its value
     metrics = jax.tree.map(lambda x: x.sum(0), per_micro)
-    metrics["grad_norm/policy"] = optax.global_norm(g_pol)
-    upd, policy_opt = policy_tx.update(g_pol, state.policy_opt, state.policy)
-    policy = optax.apply_updates(state.policy, upd)
+    policy, policy_opt = apply(policy_tx, g_pol, pol_finite, state.policy_opt, state.policy, "policy", metrics)
     critic, critic_opt = state.critic, state.critic_opt
     if critic is not None:
       # the critic's pass starts once the policy's update is done (a data dependence through the barrier)
       policy, policy_opt, critic, micro = jax.lax.optimization_barrier((policy, policy_opt, critic, micro))
-      g_cri, per_micro_v = accumulate(value_loss, critic, cri_sh, micro, counts)
-      metrics.update({k: v.sum(0) for k, v in per_micro_v.items() if k != "explained_variance"})  # not additive
-      metrics["grad_norm/critic"] = optax.global_norm(g_cri)
-      upd_c, critic_opt = critic_tx.update(g_cri, critic_opt, critic)
-      critic = optax.apply_updates(critic, upd_c)
+      g_cri, cri_finite, per_micro_v = accumulate(value_loss, critic, cri_sh, micro, counts)
+      metrics.update({k: v.sum(0) for k, v in per_micro_v.items() if "explained_variance" not in k})  # not additive
+      critic, critic_opt = apply(critic_tx, g_cri, cri_finite, critic_opt, critic, "critic", metrics)
     new = state.replace(policy=policy, policy_opt=policy_opt, critic=critic, critic_opt=critic_opt)
     return new, metrics
 

@@ -54,7 +54,9 @@ class PPOPrograms:
     rep = mesh_lib.replicated(mesh)
     self.replicated = rep
     policy_sh = models.param_shardings(policy_cfg, mesh)
-    critic_sh = ppo_lib.critic_shardings(critic_cfg, mesh) if critic_cfg is not None else None
+    self.cost_head = ppo.lagrangian is not None and critic_cfg is not None
+    critic_sh = (ppo_lib.critic_shardings(critic_cfg, mesh, cost_head=self.cost_head)
+                 if critic_cfg is not None else None)
     self._policy_tx, self._critic_tx = policy_tx, critic_tx
     self._kl0 = controllers.init_kl_controller(ppo.adaptive_kl) if ppo.adaptive_kl else None
     self._lag0 = controllers.init_lagrangian(ppo.lagrangian) if ppo.lagrangian else None
@@ -62,15 +64,18 @@ class PPOPrograms:
         step=rep, policy=policy_sh,
         policy_opt=opt_state_shardings(policy_tx, models.param_shapes(policy_cfg), policy_sh, rep),
         critic=critic_sh,
-        critic_opt=(opt_state_shardings(critic_tx, ppo_lib.critic_shapes(critic_cfg), critic_sh, rep)
+        critic_opt=(opt_state_shardings(critic_tx, ppo_lib.critic_shapes(critic_cfg, cost_head=self.cost_head),
+                                        critic_sh, rep)
                     if critic_cfg is not None else None),
         rng=rep, kl=jax.tree.map(lambda _: rep, self._kl0), lagrangian=jax.tree.map(lambda _: rep, self._lag0))
     self.reference_shardings = policy_sh
     bt = lambda n: mesh_lib.batch_sharding(mesh, 2, (rows, n))  # noqa: E731
     s, t = prompt_len + completion_len, completion_len
     self.rollout_shardings = Rollout(tokens_bs=bt(s), mask_bs=bt(s), completion_mask_bt=bt(t))
-    self.scored_shardings = ScoredRollout(bt(s), bt(s), *(bt(t),) * 6)
+    cost = (bt(t), bt(t)) if ppo.lagrangian is not None else (None, None)
+    self.scored_shardings = ScoredRollout(bt(s), bt(s), *(bt(t),) * 6, *cost)
     self.bt_sharding = bt(t)
+    self.b_sharding = mesh_lib.batch_sharding(mesh, 1, (rows,))
     on = lambda fn: mesh_lib.OnMesh(fn, mesh)  # noqa: E731
 
     self.init_state = on(jax.jit(self._init_state, out_shardings=self.state_shardings, donate_argnums=(0, 1)))
@@ -81,11 +86,9 @@ class PPOPrograms:
         temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
         eos_ids=sampling.eos_ids, pad_id=sampling.pad_id, cache_phases=sampling.cache_phases)
     score = ppo_lib.score_fn(policy_cfg, critic_cfg, ppo, num_completion=t, num_chunks=ppo.score_chunks)
-    self.score = on(jax.jit(score, in_shardings=(policy_sh, policy_sh, critic_sh, self.rollout_shardings),
-                            out_shardings=self.bt_sharding))
-    b = self.bt_sharding
-    self.advantage = on(jax.jit(ppo_lib.advantage_fn(ppo), in_shardings=(b, b, b, b, b, rep, b, rep),
-                                out_shardings=(b, b, b, b)))
+    # outputs: [B, T] and [B] arrays split over the batch (the score's last constraint)
+    self.score = on(jax.jit(score, in_shardings=(policy_sh, policy_sh, critic_sh, self.rollout_shardings)))
+    self.advantage = on(jax.jit(ppo_lib.advantage_fn(ppo)))
     update = ppo_lib.update_fn(policy_cfg, critic_cfg, ppo, policy_tx, critic_tx, num_completion=t,
                                grad_shardings=(policy_sh, critic_sh))
     mb = jax.tree.map(lambda sh: mesh_lib.batch_sharding(mesh, 2, (self.minibatch_rows, 1)), self.scored_shardings)
@@ -99,7 +102,7 @@ class PPOPrograms:
     critic = critic_opt = None
     if self.critic_cfg is not None:
       backbone = policy if critic_backbone is None else critic_backbone
-      critic = ppo_lib.init_critic(self.critic_cfg, backbone, jax.random.fold_in(rng, 1))
+      critic = ppo_lib.init_critic(self.critic_cfg, backbone, jax.random.fold_in(rng, 1), cost_head=self.cost_head)
       critic_opt = self._critic_tx.init(critic)
     return TrainState(step=jnp.zeros((), jnp.int32), policy=policy, policy_opt=self._policy_tx.init(policy),
                       critic=critic, critic_opt=critic_opt, rng=rng, kl=self._kl0, lagrangian=self._lag0)
@@ -123,15 +126,38 @@ class PPOPrograms:
     rollout = Rollout(tokens_bs=sds((rows, p + t), jnp.int32, self.rollout_shardings.tokens_bs),
                       mask_bs=sds((rows, p + t), jnp.bool_, self.rollout_shardings.mask_bs),
                       completion_mask_bt=sds((rows, t), jnp.bool_, self.bt_sharding))
-    f32 = lambda: sds((rows, t), jnp.float32, self.bt_sharding)  # noqa: E731
-    scalar = sds((), jnp.float32, self.replicated)
     mbr = self.minibatch_rows
     mb_sh = self.minibatch_shardings
-    minibatch = ScoredRollout(
-        sds((mbr, p + t), jnp.int32, mb_sh.tokens_bs), sds((mbr, p + t), jnp.bool_, mb_sh.mask_bs),
-        sds((mbr, t), jnp.bool_, mb_sh.completion_mask_bt),
-        *(sds((mbr, t), jnp.float32, getattr(mb_sh, f)) for f in ScoredRollout.__dataclass_fields__
-          if f not in ("tokens_bs", "mask_bs", "completion_mask_bt")))
+    minibatch = jax.tree.map(lambda sh, like: sds((mbr,) + like.shape[1:], like.dtype, sh), mb_sh,
+                             self._scored_like(rows, p, t))
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    return {
+        "generate": (state.policy, sds((rows, p), jnp.int32, prompt_sh), sds((rows, p), jnp.bool_, prompt_sh),
+                     sds(key.shape, key.dtype, self.replicated)),
+        "score": (state.policy, ref, state.critic, rollout),
+        "advantage": (self.advantage_inputs(split=True),),
+        "update": (state, minibatch, sds((), jnp.float32, self.replicated)),
+    }
+
+  def _scored_like(self, rows: int, p: int, t: int) -> ScoredRollout:
+    f = lambda: jax.ShapeDtypeStruct((rows, t), jnp.float32)  # noqa: E731
+    cost = (f(), f()) if self.ppo.lagrangian is not None else (None, None)
+    return ScoredRollout(jax.ShapeDtypeStruct((rows, p + t), jnp.int32),
+                         jax.ShapeDtypeStruct((rows, p + t), jnp.bool_), jax.ShapeDtypeStruct((rows, t), jnp.bool_),
+                         f(), f(), f(), f(), f(), *cost)
+
+  def advantage_inputs(self, *, split: bool) -> dict[str, jax.ShapeDtypeStruct]:
+    """The advantage step's abstract inputs (split: sequence + token rewards, else dense rewards_bt)."""
+    rows, t = self.rows, self.completion_len
+    bt = lambda dtype=jnp.float32: jax.ShapeDtypeStruct((rows, t), dtype, sharding=self.bt_sharding)  # noqa
+    b = lambda dtype=jnp.float32: jax.ShapeDtypeStruct((rows,), dtype, sharding=self.b_sharding)  # noqa
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=self.replicated)
+    x = {"mask_bt": bt(jnp.bool_), "old_logp_bt": bt(), "ref_logp_bt": bt(), "sampler_logp_bt": bt(),
+         "values_bt": bt(), "bootstrap_b": b(), "finished_b": b(jnp.bool_), "kl_coef": scalar}
+    x.update({"sequence_b": b(), "token_bt": bt()} if split else {"rewards_bt": bt()})
+    if self.ppo.lagrangian is not None:
+      x.update(cost_bt=bt(), cost_values_bt=bt(), cost_bootstrap_b=b(), lam=scalar)
+    return x
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     return {
         "generate": (state.policy, sds((rows, p), jnp.int32, prompt_sh), sds((rows, p), jnp.bool_, prompt_sh),

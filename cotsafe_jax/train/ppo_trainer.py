@@ -19,7 +19,7 @@ from cotsafe_jax.data import pipeline as pipeline_lib, sources
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.rewards.base import RewardBatch, RewardFn
 from cotsafe_jax.rl import controllers, ppo as ppo_lib
-from cotsafe_jax.train import ppo_programs
+from cotsafe_jax.train import guard as guard_lib, ppo_programs
 from cotsafe_jax.train.checkpointing import Checkpointer
 from cotsafe_jax.train.logging import MetricLogger
 from cotsafe_jax.train.optim import make_optimizer
@@ -195,12 +195,19 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
           mixture: Mapping[str, float] | None = None, prompt_columns: Any = None, on_bad_row: str = "raise",
           mesh: Any = None, seed: int = 0, save_interval_steps: int = 50, max_to_keep: int | None = 2,
           async_checkpoint: bool = True, samples_every: int = 10, num_logged_samples: int = 4,
-          export_hf: bool = True, step_callback: Any = None) -> dict[str, Any]:
+          export_hf: bool = True, step_callback: Any = None, max_nonfinite_steps: int = 3) -> dict[str, Any]:
   """Run PPO for `num_steps` iterations (resuming from workdir/checkpoints when present).
 
   Returns {"metrics": last step's metrics, "history": per-step metrics, "hf_dir": the exported policy}.
   step_callback(step, policy_cfg, params, tokenizer) -> dict of extra metrics, called after each step.
+  A step whose losses or gradients are not finite changes no params, optimizer state or controller (counted
+  in guard/*, its prompt ids logged); `max_nonfinite_steps` such steps in a row stop the run with an error
+  (the last checkpoint is the last good state).
   """
+  if rollout.temperature != ppo.temperature:
+    raise CotsafeError(f"PPO: RolloutConfig.temperature={rollout.temperature} but PPOConfig.temperature="
+                       f"{ppo.temperature}: the trainer's log-probs must be of the distribution that sampled "
+                       "(expected the same temperature in both)")
   mesh = mesh if mesh is not None else parallel.make_mesh()
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   ppo = ppo.for_mesh(rows=prompts_per_step * rollout.samples_per_prompt, shards=shards)
@@ -243,7 +250,13 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
     data_it.set_state(data_state)
   start = start or 0
   bt_sharding = parallel.batch_sharding(mesh, 2)
+  b_sharding = parallel.batch_sharding(mesh, 1)
   score_step, advantage_step, update_step = programs.score, programs.advantage, programs.update
+  guard = guard_lib.StepGuard(workdir, job="ppo_train", max_nonfinite_steps=max_nonfinite_steps)
+  guard.restore(extra.get("guard"))
+
+  def save_extra():
+    return {"num_truncated": num_truncated, "guard": guard.state()}
   take_rows = programs.take_rows
 
   logger = MetricLogger(workdir, total_steps=num_steps, resume_step=start if start else None,
@@ -274,27 +287,40 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
                         mask_bs=jax.device_put(np.concatenate([pmask_bp, cmask_bt], 1), bt_sharding),
                         completion_mask_bt=jax.device_put(cmask_bt, bt_sharding))
         scored = score_step(state.policy, reference, state.critic, batch)
+        finished_b = _host(gen.finished_b)
         rb = RewardBatch.from_tokens(tokenizer=tok, prompt_tokens_bp=prompt_bp, prompt_mask_bp=pmask_bp,
                                      completion_tokens_bt=comp_bt, completion_mask_bt=cmask_bt,
                                      kinds=[r.get("kind", "reasoning") for r in rows_b],
                                      references=[r.get("answer") for r in rows_b],
-                                     prompts=[_user_text(r) for r in rows_b])
+                                     prompts=[_user_text(r) for r in rows_b], finished_b=finished_b)
         rewards = reward(rb)
-        cost_bt = np.zeros(cmask_bt.shape, np.float32)
-        lam = 0.0
-        if state.lagrangian is not None:
-          cost_bt = -_host(rewards.components.get("token_safety", cost_bt))
-          lam = float(state.lagrangian.lam)
         kl_coef = float(state.kl.beta) if state.kl is not None else ppo.kl_coef
-        adv_bt, ret_bt, r_bt, kl_bt = advantage_step(
-            jax.device_put(_host(rewards.values_bt), bt_sharding), batch.completion_mask_bt, scored["values_bt"],
-            scored["old_logp_bt"], scored["ref_logp_bt"], jnp.float32(kl_coef),
-            jax.device_put(cost_bt, bt_sharding), jnp.float32(lam))
+        put = lambda x: jax.device_put(np.asarray(x), bt_sharding if np.ndim(x) == 2 else b_sharding)  # noqa
+        x = {"mask_bt": batch.completion_mask_bt, "old_logp_bt": scored["old_logp_bt"],
+             "ref_logp_bt": scored["ref_logp_bt"], "sampler_logp_bt": gen.logprobs_bt,
+             "values_bt": scored["values_bt"], "bootstrap_b": scored["bootstrap_b"], "finished_b": put(finished_b),
+             "kl_coef": jax.device_put(np.float32(kl_coef), replicated)}
+        lagrangian = ppo.lagrangian is not None
+        if lagrangian:
+          if rewards.cost_bt is None or rewards.sequence_b is None:
+            raise CotsafeError("PPOConfig.lagrangian needs a reward with a separate token cost "
+                               "(CompositeReward with a token_safety scorer and token_cost=True)")
+          # the cost is not in the reward: the token terms are the reward's own, the safety cost is apart
+          x.update(cost_bt=put(rewards.cost_bt), cost_values_bt=scored.get("cost_values_bt", scored["values_bt"]),
+                   cost_bootstrap_b=scored.get("cost_bootstrap_b", scored["bootstrap_b"]),
+                   lam=jax.device_put(np.float32(state.lagrangian.lam), replicated))
+        if rewards.sequence_b is not None:
+          x.update(sequence_b=put(rewards.sequence_b), token_bt=put(rewards.token_bt))
+        else:
+          x["rewards_bt"] = put(rewards.values_bt)
+        adv = advantage_step(x)
         data = ScoredRollout(tokens_bs=batch.tokens_bs, mask_bs=batch.mask_bs,
                              completion_mask_bt=batch.completion_mask_bt, old_logp_bt=scored["old_logp_bt"],
                              ref_logp_bt=scored["ref_logp_bt"], old_values_bt=scored["values_bt"],
-                             advantages_bt=adv_bt, returns_bt=ret_bt)
-        extra_m = ppo_lib.rollout_metrics(scored, ret_bt, batch.completion_mask_bt)
+                             advantages_bt=adv["advantages_bt"], returns_bt=adv["returns_bt"],
+                             old_cost_values_bt=x.get("cost_values_bt") if lagrangian else None,
+                             cost_returns_bt=adv.get("cost_returns_bt"))
+        extra_m = ppo_lib.rollout_metrics(scored, adv["returns_bt"], batch.completion_mask_bt)
       with logger.phase("update"):
         update_metrics: list[dict[str, Any]] = []
         mb_size = rows_per_step // ppo.num_minibatches
@@ -307,31 +333,48 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
         update_metrics = jax.device_get(update_metrics)
       mask_f = cmask_bt.astype(np.float32)
       n_tok = max(float(mask_f.sum()), 1.0)
-      kl_mean = float(_host(kl_bt).sum() / n_tok)
+      kl_bt, r_bt = _host(adv["kl_bt"]), _host(adv["rewards_bt"])
+      kl_mean = float(kl_bt.sum() / n_tok)
       reward_seq = _host(rewards.values_bt).sum(1)
       metrics: dict[str, Any] = {
           "reward/mean": float(reward_seq.mean()), "reward/std": float(reward_seq.std()),
-          "reward/with_penalties_mean": float(_host(r_bt).sum(1).mean()),
+          "reward/with_penalties_mean": float(r_bt.sum(1).mean()),
           "kl/mean": kl_mean, "kl/coef": kl_coef, "entropy/rollout": float(extra_m["entropy"]),
           "critic/explained_variance": float(extra_m["explained_variance"]) if state.critic is not None else 0.0,
           "response/length_mean": float(mask_f.sum(1).mean()),
-          "response/finished_rate": float(_host(gen.finished_b).mean()),
+          "response/finished_rate": float(finished_b.mean()),
           "data/prompts_truncated": float(num_truncated),
+          "rollout/logprob_mismatch": float(adv["logprob_abs_diff"]),
+          "rollout/logprob_kl": float(adv["logprob_kl"]),
       }
+      if ppo.tis_cap is not None:
+        metrics["rollout/tis_weight_mean"] = float(adv["tis_weight_mean"])
+        metrics["rollout/tis_clipped_frac"] = float(adv["tis_clipped_frac"])
       for name, comp in rewards.components.items():
         metrics[f"reward/{name}"] = float(_host(comp).reshape(len(rows_b), -1).sum(1).mean())
       for name, v in rewards.info.items():
         metrics[f"reward_info/{name}"] = float(v)
       for key in update_metrics[0]:
         metrics[f"update/{key}"] = float(np.mean([m[key] for m in update_metrics]))
+      # non-finite guard: a skipped update changed nothing; the controllers do not move either
+      bad = any(m.get(k, 0.0) > 0 for m in update_metrics for k in ("nonfinite/policy", "nonfinite/critic"))
+      bad = bad or not np.isfinite(r_bt).all()
+      metrics.update(guard.observe(step + 1, finite=not bad, loss=metrics.get("update/loss", float("nan")),
+                                   row_ids=[r.get("id", f"row {i}") for i, r in enumerate(rows_b)]))
+      if guard.must_stop:
+        logger.write(step + 1, metrics)
+        ckpt.close()  # a save in flight finishes: the last checkpoint is a good one
+        raise guard.error(step + 1)
       new_kl, new_lag = state.kl, state.lagrangian
-      if ppo.adaptive_kl is not None:
+      if ppo.adaptive_kl is not None and not bad:
         new_kl = controllers.update_kl_controller(ppo.adaptive_kl, state.kl, n_steps=rows_per_step,
-                                                  current_kl=float(_host(kl_bt).sum(1).mean()))
+                                                  current_kl=float(kl_bt.sum(1).mean()))
       if ppo.lagrangian is not None:
-        rate = float(rewards.info.get("token_unsafe_mean", 0.0))
-        new_lag = controllers.update_lagrangian(ppo.lagrangian, state.lagrangian, unsafe_rate=rate)
-        metrics["lagrangian/lambda"] = lam
+        cost = float(controllers.batch_cost(ppo.lagrangian, _host(rewards.cost_bt), cmask_bt))
+        if not bad:
+          new_lag = controllers.update_lagrangian(ppo.lagrangian, state.lagrangian, cost=cost)
+        metrics["lagrangian/lambda"] = float(state.lagrangian.lam)
+        metrics["lagrangian/cost"] = cost
       state = state.replace(step=state.step + 1, kl=jax.device_put(new_kl, replicated),
                             lagrangian=jax.device_put(new_lag, replicated))
       step += 1
@@ -343,10 +386,10 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
         logger.write_samples(step, [
             {"prompt": rb.prompts[i], "kind": rb.kinds[i], "response": rb.completions[i],
              "reward": float(reward_seq[i])} for i in range(min(num_logged_samples, len(rows_b)))])
-      ckpt.save(step, state, data=data_it.get_state(), extra={"num_truncated": num_truncated},
+      ckpt.save(step, state, data=data_it.get_state(), extra=save_extra(),
                 force=stop.requested or step == num_steps)
     if ckpt.latest_step() != step:  # a stop request may have come after this step's save call
-      ckpt.save(step, state, data=data_it.get_state(), extra={"num_truncated": num_truncated}, force=True)
+      ckpt.save(step, state, data=data_it.get_state(), extra=save_extra(), force=True)
     ckpt.close()
   hf_dir = None
   if export_hf and step >= num_steps:

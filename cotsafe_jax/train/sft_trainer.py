@@ -26,6 +26,7 @@ from cotsafe_jax.data.sources import load_sft
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.models.tokenizer import THINK_CLOSE, THINK_OPEN
 from cotsafe_jax.parallel import mesh as mesh_lib
+from cotsafe_jax.train import guard as guard_lib
 from cotsafe_jax.train.checkpointing import Checkpointer
 from cotsafe_jax.train.logging import MetricLogger
 from cotsafe_jax.train.optim import SCHEDULES, make_optimizer, make_schedule, opt_state_shardings
@@ -320,7 +321,12 @@ def make_train_step(cfg: models.ModelConfig, sft: SFTConfig, *, total_steps: int
     metrics["target_tokens"] = num_targets
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+    # non-finite guard: a step whose loss or gradients are not finite leaves params and optimizer state as they were
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    metrics["nonfinite"] = 1.0 - ok.astype(jnp.float32)
+    return {"step": state["step"] + 1, "params": keep(params, state["params"]),
+            "opt_state": keep(opt_state, state["opt_state"])}, metrics
 
   return mesh_lib.OnMesh(jax.jit(step, in_shardings=(shardings, batch_shardings), out_shardings=(shardings, None),
                                  donate_argnums=(0,)), mesh)
@@ -422,7 +428,8 @@ def sft_train(*, workdir: str, data: str, config: SFTConfig, model: models.Model
               columns: Mapping[str, str] | str | None = None, split: str | None = None,
               data_dir: str | None = None, on_bad_row: str = "error", mesh: Mesh | None = None,
               save_interval_steps: int = 500, max_to_keep: int | None = 2, async_checkpoint: bool = True,
-              export_hf: bool = True, export_dtype: str | None = None) -> dict[str, Any]:
+              export_hf: bool = True, export_dtype: str | None = None,
+              max_nonfinite_steps: int = 3) -> dict[str, Any]:
   """Fine-tune a decoder on SFT rows (DATA.md: `messages`, or `prompt` + `response`); returns final metrics
   and paths.
 
@@ -480,6 +487,7 @@ def sft_train(*, workdir: str, data: str, config: SFTConfig, model: models.Model
                       max_to_keep=max_to_keep, async_save=async_checkpoint)
   start = ckpt.latest_step() or 0
   last: dict[str, float] = {}
+  resumed_guard = None
   if start:
     shapes = jax.eval_shape(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p,
                                        "opt_state": optimizer.init(p)}, models.param_shapes(cfg))
@@ -493,14 +501,19 @@ def sft_train(*, workdir: str, data: str, config: SFTConfig, model: models.Model
     _check_resume(extra.get("config", {}), config, ckpt.directory)
     pipeline.set_state(data_state)
     last = dict(extra.get("metrics", {}))
+    resumed_guard = extra.get("guard")
   else:
     params = _initial_params(cfg, hf_dir=hf_dir, init_from=init_from, seed=config.seed, mesh=mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params)
     state = {"step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]), "params": params,
              "opt_state": opt_state}
 
+  guard = guard_lib.StepGuard(workdir, job="sft_train", max_nonfinite_steps=max_nonfinite_steps)
+  guard.restore(resumed_guard)
+
   def extra(metrics):
-    return {"config": dataclasses.asdict(config), "metrics": metrics, "num_rows": len(loaded.rows)}
+    return {"config": dataclasses.asdict(config), "metrics": metrics, "num_rows": len(loaded.rows),
+            "guard": guard.state()}
 
   step = start
   stopped = False
@@ -509,13 +522,20 @@ def sft_train(*, workdir: str, data: str, config: SFTConfig, model: models.Model
   try:
     with _StopRequest() as stop:
       while step < num_steps:
-        local = _host_batch(examples, next(pipeline))
+        rows = next(pipeline)
+        local = _host_batch(examples, rows)
         logger.add_tokens(int(local["attention_bt"].sum()) * jax.process_count())
         lr = float(lr_at(step))
         state, metrics = train_step(state, parallel.host_local_to_global(local, batch_shardings))
         step += 1
-        if step % config.log_every == 0 or step == num_steps:
-          last = logger.write(step, {**jax.device_get(metrics), "lr": lr})
+        metrics = jax.device_get(metrics)
+        metrics.update(guard.observe(step, finite=float(metrics["nonfinite"]) == 0.0, loss=float(metrics["loss"]),
+                                     row_ids=[r.get("id", f"row {r['_row'] + 1}") for r in rows]))
+        if guard.must_stop:
+          logger.write(step, {**metrics, "lr": lr})
+          raise guard.error(step)
+        if step % config.log_every == 0 or step == num_steps or metrics["guard/skipped"]:
+          last = logger.write(step, {**metrics, "lr": lr})
         stopped = step < num_steps and stop.any_process()
         ckpt.save(step, state, data=pipeline.get_state(), extra=extra(last), force=step == num_steps or stopped)
         if stopped:

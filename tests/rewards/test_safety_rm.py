@@ -218,3 +218,18 @@ def test_rows_labels_and_bad_rows(span_files, bpe_tokenizer):
   with pytest.raises(CotsafeError, match="seq_pool='sum', expected one of max, mean"):
     train_safety_rm(backbone=str(d), train_path=str(path), eval_path=str(path), workdir=str(d / "w"), steps=1,
                     batch_size=1, learning_rate=1e-3, max_len=32, seq_pool="sum")
+
+
+def test_train_safety_rm_skips_nonfinite_steps_and_stops(span_files, bpe_tokenizer, tmp_path, monkeypatch):
+  """A NaN loss (here: injected) changes nothing and, twice in a row, stops the job with one line."""
+  from cotsafe_jax.rewards import safety_rm_trainer
+  real = safety_rm_trainer.rm_loss
+  monkeypatch.setattr(safety_rm_trainer, "rm_loss",
+                      lambda *a, **k: (lambda l, m: (l * jnp.nan, {**m, "loss": m["loss"] * jnp.nan}))(*real(*a, **k)))
+  cfg = models.tiny_config("qwen2", vocab_size=len(bpe_tokenizer))
+  with pytest.raises(CotsafeError, match=r"train_safety_rm: 2 steps in a row with non-finite losses"):
+    train_safety_rm(backbone=cfg, tokenizer_dir=span_files["tok"], train_path=str(span_files["train"]),
+                    eval_path=str(span_files["eval"]), workdir=str(tmp_path), steps=5, batch_size=8,
+                    learning_rate=1e-3, max_len=96, max_nonfinite_steps=2)
+  logged = [json.loads(l) for l in open(tmp_path / "nonfinite.jsonl")]
+  assert [r["step"] for r in logged] == [1, 2] and logged[0]["row_ids"][0].startswith(str(span_files["train"]))

@@ -67,8 +67,8 @@ def _lagrangian_loop(lam, lr, target, lam_max, decay, rates):
 
 def test_lagrangian_matches_loop_and_moves_both_ways():
   rates = [0.1, 0.3, 0.4, 0.5, 0.45, 0.02] + [0.0, 0.01] * 7
-  cfg = rl.LagrangianConfig(target_rate=0.05, lr=5.0, max_lambda=1.5, ema_decay=0.5)
-  update = jax.jit(lambda s, r: rl.update_lagrangian(cfg, s, unsafe_rate=r))
+  cfg = rl.LagrangianConfig(budget=0.05, lr=5.0, max_lambda=1.5, ema_decay=0.5)
+  update = jax.jit(lambda s, r: rl.update_lagrangian(cfg, s, cost=r))
   state, got = rl.init_lagrangian(cfg), []
   for r in rates:
     state = update(state, jnp.float32(r))
@@ -84,12 +84,23 @@ def test_lagrangian_matches_loop_and_moves_both_ways():
 
 def test_states_are_checkpointable_pytrees():
   kl_state = rl.init_kl_controller(rl.AdaptiveKLConfig(init_beta=0.3, target=1.0))
-  lag_cfg = rl.LagrangianConfig(target_rate=0.1, init_lambda=0.4)
-  lag_state = rl.update_lagrangian(lag_cfg, rl.init_lagrangian(lag_cfg), unsafe_rate=0.2)
+  lag_cfg = rl.LagrangianConfig(budget=0.1, init_lambda=0.4)
+  lag_state = rl.update_lagrangian(lag_cfg, rl.init_lagrangian(lag_cfg), cost=0.2)
   for state in (kl_state, lag_state):
     restored = serialization.from_state_dict(state, serialization.to_state_dict(state))
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(a == b), state, restored))
   assert len(jax.tree.leaves(lag_state)) == 3
+
+
+def test_batch_cost_per_token_and_per_episode_match_loops():
+  rng = np.random.default_rng(1)
+  cost = rng.uniform(size=(4, 6)).astype(np.float32)
+  mask = np.arange(6)[None, :] < np.array([[6], [3], [0], [1]])
+  per_token = sum(cost[i] for i in np.ndindex(4, 6) if mask[i]) / mask.sum()
+  per_episode = np.mean([sum(cost[b, t] for t in range(6) if mask[b, t]) for b in range(4)])
+  tok, epi = rl.LagrangianConfig(budget=0.1), rl.LagrangianConfig(budget=0.5, per="episode")
+  np.testing.assert_allclose(rl.controllers.batch_cost(tok, cost, mask), per_token, rtol=1e-6)
+  np.testing.assert_allclose(rl.controllers.batch_cost(epi, cost, mask), per_episode, rtol=1e-6)
 
 
 def test_unsafe_token_rate():
@@ -103,7 +114,10 @@ def test_unsafe_token_rate():
 def test_controller_config_errors():
   with pytest.raises(CotsafeError, match=r"AdaptiveKLConfig: target=0.0 must be > 0"):
     rl.AdaptiveKLConfig(target=0.0)
-  with pytest.raises(CotsafeError, match=r"LagrangianConfig: target_rate=2.0 must be in \[0, 1\]"):
-    rl.LagrangianConfig(target_rate=2.0)
+  with pytest.raises(CotsafeError, match=r"LagrangianConfig: budget=2.0 must be >= 0 \(and <= 1 per token"):
+    rl.LagrangianConfig(budget=2.0)
+  rl.LagrangianConfig(budget=2.0, per="episode")  # an episode's summed cost may exceed 1
+  with pytest.raises(CotsafeError, match=r"per='sequence', expected 'token' or 'episode'"):
+    rl.LagrangianConfig(budget=0.1, per="sequence")
   with pytest.raises(CotsafeError, match=r"need 0 <= init_lambda=5.0 <= max_lambda=1.0"):
-    rl.LagrangianConfig(target_rate=0.1, init_lambda=5.0, max_lambda=1.0)
+    rl.LagrangianConfig(budget=0.1, init_lambda=5.0, max_lambda=1.0)

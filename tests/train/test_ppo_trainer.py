@@ -24,11 +24,11 @@ CFG = models.tiny_config("qwen2", vocab_size=640)
 TARGET_IDS = tuple(range(100, 164))  # 10% of the vocabulary: a dense, easily learnable token reward
 
 
-def _train(workdir, *, num_steps, mesh=None, estimator="gae", **kw):
+def _train(workdir, *, num_steps, mesh=None, estimator="gae", reward=None, **kw):
   ppo = PPOConfig(advantage=AdvantageConfig(estimator=estimator, group_size=kw.pop("group_size", 1)),
                   policy_loss=PolicyLoss(clip_high=0.28), kl_coef=0.01, epochs=2, num_minibatches=2)
   return T.train(workdir=str(workdir), policy=T.PolicySpec(config=CFG, tokenizer_dir=TOKENIZER),
-                 reward=TokenSetReward(token_ids=TARGET_IDS), prompts=PROMPTS, ppo=ppo,
+                 reward=reward or TokenSetReward(token_ids=TARGET_IDS), prompts=PROMPTS, ppo=ppo,
                  rollout=T.RolloutConfig(max_prompt_len=48, max_new_tokens=16, **kw.pop("rollout", {})),
                  optim=T.OptimConfig(learning_rate=3e-3), num_steps=num_steps, prompts_per_step=8, mesh=mesh,
                  async_checkpoint=False, export_hf=False, **kw)
@@ -149,3 +149,67 @@ def test_sigterm_then_rerun_resumes_exactly(tmp_path):
         assert rb[k] is None, (ra["step"], k)
       else:
         assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-7), (ra["step"], k)
+
+
+def test_sampling_and_training_temperatures_must_agree(tmp_path):
+  with pytest.raises(CotsafeError, match=r"RolloutConfig.temperature=0.6 but PPOConfig.temperature=1.0"):
+    _train(tmp_path, num_steps=1, mesh=parallel.single_device_mesh(), rollout={"temperature": 0.6})
+
+
+def test_logprob_mismatch_is_logged_and_top_p_is_importance_corrected(tmp_path):
+  mesh = parallel.single_device_mesh()
+  full = _train(tmp_path / "full", num_steps=1, mesh=mesh)["history"][0]
+  top_p = _train(tmp_path / "top_p", num_steps=1, mesh=mesh, rollout={"top_p": 0.5})["history"][0]
+  # unfiltered sampling: the sampler's and the trainer's log-probs are the same distribution's (numerics only)
+  assert full["rollout/logprob_mismatch"] < 1e-4 and abs(full["rollout/tis_weight_mean"] - 1.0) < 1e-4
+  # top-p: q = pi / Z_kept on the kept tokens, so log q - log pi = -log Z_kept > 0 and the weights pi / q < 1
+  assert top_p["rollout/logprob_kl"] > 0.05 and top_p["rollout/tis_weight_mean"] < 0.97
+  assert top_p["rollout/logprob_mismatch"] == pytest.approx(top_p["rollout/logprob_kl"], rel=1e-5)
+
+
+class _NaNOnSteps:
+  """A reward that is NaN on the given calls (1-based): what a broken reward model would hand the trainer."""
+
+  def __init__(self, calls):
+    self.calls, self.n, self.inner = set(calls), 0, TokenSetReward(token_ids=TARGET_IDS)
+
+  def __call__(self, batch):
+    self.n += 1
+    out = self.inner(batch)
+    return out.replace(values_bt=out.values_bt * np.nan) if self.n in self.calls else out
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run_with_the_last_checkpoint_good(tmp_path):
+  mesh = parallel.single_device_mesh()
+  out = _train(tmp_path / "one", num_steps=3, mesh=mesh, reward=_NaNOnSteps({2}), save_interval_steps=1)
+  h = out["history"]
+  assert [r["guard/skipped"] for r in h] == [0.0, 1.0, 0.0] and h[-1]["guard/nonfinite_steps"] == 1.0
+  assert h[1]["update/nonfinite/policy"] == 1.0
+  logged = [json.loads(l) for l in open(tmp_path / "one" / "nonfinite.jsonl")]
+  assert logged[0]["step"] == 2 and len(logged[0]["row_ids"]) == 8 and logged[0]["row_ids"][0].startswith("train-")
+  with pytest.raises(CotsafeError, match=r"ppo_train: 3 steps in a row with non-finite losses or gradients \(steps 2-4"):
+    _train(tmp_path / "stop", num_steps=6, mesh=mesh, reward=_NaNOnSteps({2, 3, 4}), save_interval_steps=1)
+  ckpt = T.Checkpointer(str(tmp_path / "stop" / "checkpoints"))
+  assert ckpt.latest_step() == 3  # steps 2, 3 (skipped, params unchanged) saved; step 4's error stopped it
+  ckpt.close()
+  rerun = _train(tmp_path / "stop", num_steps=4, mesh=mesh, reward=TokenSetReward(token_ids=TARGET_IDS))
+  assert rerun["step"] == 4 and all(np.isfinite(v) for k, v in rerun["metrics"].items() if k.startswith("update/"))
+
+
+def test_ppo_lagrangian_with_a_cost_apart_from_the_reward(tmp_path):
+  from cotsafe_jax.rewards import CompositeReward
+  from cotsafe_jax.rewards.rules import TokenSetScorer
+  from cotsafe_jax.rl import LagrangianConfig
+  reward = CompositeReward(weights={k: {"format": 1.0} for k in ("harmful", "benign", "reasoning")},
+                           token_safety=TokenSetScorer(token_ids=TARGET_IDS), token_cost=True)
+  ppo = PPOConfig(lagrangian=LagrangianConfig(budget=0.0, lr=1.0), kl_coef=0.01, num_minibatches=2)
+  out = T.train(workdir=str(tmp_path), policy=T.PolicySpec(config=CFG, tokenizer_dir=TOKENIZER), reward=reward,
+                prompts=PROMPTS, ppo=ppo, rollout=T.RolloutConfig(max_prompt_len=48, max_new_tokens=16),
+                optim=T.OptimConfig(learning_rate=3e-3), num_steps=2, prompts_per_step=8,
+                mesh=parallel.single_device_mesh(), async_checkpoint=False, export_hf=False)
+  h = out["history"]
+  cost = [r["lagrangian/cost"] for r in h]
+  assert all(c > 0.0 for c in cost)  # TARGET_IDS are 10% of the vocabulary: the random policy emits some
+  # lambda logged before its step's dual update: 0, then lr * (cost_1 - budget)
+  assert h[0]["lagrangian/lambda"] == 0.0 and h[1]["lagrangian/lambda"] == pytest.approx(cost[0], rel=1e-5)
+  assert "update/cost_vf_loss" in h[0] and "reward/token_safety" not in h[0]  # the cost is not in the reward
