@@ -11,7 +11,7 @@ accumulated into ONE optimizer step for the policy (and one for the critic). PPO
 
 What one timed step is, on each side (the reference never runs inside it: PPO puts the KL in the reward,
 GRPO's KL term reads reference log-probs computed at scoring time, as every stack does):
-  ours_ppo    cotsafe_jax.rl.ppo.make_update_step (jit): per microbatch policy forward + fused log-prob /
+  ours_ppo    cotsafe_jax.train.ppo_programs update (jit): per microbatch policy forward + fused log-prob /
               entropy + clipped PPO loss + backward, critic forward + clipped value loss + backward;
               global-norm clipping and AdamW for policy and critic. Timed to block_until_ready.
   ours_grpo   the same step with no critic, KL (k3) to the reference in the loss.
@@ -118,10 +118,11 @@ def worker_ours(args, algo: str) -> None:
   import jax.numpy as jnp
   import numpy as np
 
-  from cotsafe_jax import models, rl
+  from cotsafe_jax import models, parallel, rl
   from cotsafe_jax.rl import ppo as ppo_lib
+  from cotsafe_jax.train import ppo_programs
   from cotsafe_jax.train.ppo_trainer import OptimConfig
-  from cotsafe_jax.types import ScoredRollout, TrainState
+  from cotsafe_jax.types import ScoredRollout
 
   cfg = models.ModelConfig(model_type="qwen2", vocab_size=MODEL["vocab"], hidden_size=MODEL["d"],
                            intermediate_size=MODEL["mlp"], num_layers=MODEL["layers"], num_heads=MODEL["heads"],
@@ -137,22 +138,23 @@ def worker_ours(args, algo: str) -> None:
     ppo = ppo_lib.PPOConfig(advantage=rl.AdvantageConfig(estimator="grpo", group_size=8), kl_mode="loss",
                             kl_kind="k3", kl_coef=BETA_GRPO, num_microbatches=args.micro,
                             policy_loss=rl.PolicyLoss(clip_low=CLIP, clip_high=CLIP, dual_clip_c=None))
-  params = models.init_params(cfg, jax.random.key(0))
   tx = OptimConfig(learning_rate=LR, max_grad_norm=1.0).make(1000)
-  critic = ppo_lib.init_critic(cfg, jax.tree.map(jnp.copy, params), jax.random.key(1)) if ppo.uses_critic else None
-  state = TrainState(step=jnp.zeros((), jnp.int32), policy=params, policy_opt=tx.init(params), critic=critic,
-                     critic_opt=tx.init(critic) if critic is not None else None, rng=jax.random.key(2),
-                     kl=None, lagrangian=None)
-  d = _data(args)
   b, t = args.batch, args.completion
+  # the trainer's own programs (train/ppo_programs.py): state born sharded, jitted update with donation
+  progs = ppo_programs.PPOPrograms(policy_cfg=cfg, critic_cfg=cfg if ppo.uses_critic else None, ppo=ppo,
+                                   policy_tx=tx, critic_tx=tx if ppo.uses_critic else None,
+                                   mesh=parallel.single_device_mesh(), rows=b, prompt_len=args.prompt,
+                                   completion_len=t, sampling=ppo_programs.Sampling())
+  state = progs.init_state(models.init_params(cfg, jax.random.key(0)), None, jnp.int32(2))
+  d = _data(args)
   tokens = np.concatenate([d["prompt"], d["completion"]], 1)
   adv = d["advantages"] if algo == "ppo" else np.repeat(d["seq_advantages"][:, None], t, 1)
   batch = ScoredRollout(tokens_bs=jnp.asarray(tokens), mask_bs=jnp.ones(tokens.shape, bool),
                         completion_mask_bt=jnp.ones((b, t), bool), old_logp_bt=jnp.asarray(d["old_logp"]),
                         ref_logp_bt=jnp.asarray(d["ref_logp"]), old_values_bt=jnp.asarray(d["values"]),
                         advantages_bt=jnp.asarray(adv), returns_bt=jnp.asarray(d["returns"]))
-  update = ppo_lib.make_update_step(cfg, cfg if critic is not None else None, ppo, tx, tx if critic is not None
-                                    else None, num_completion=t)
+  batch = jax.device_put(batch, progs.minibatch_shardings)
+  update = progs.update
   holder = {"state": state}
 
   def step():
