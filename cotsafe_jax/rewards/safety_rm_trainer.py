@@ -4,7 +4,6 @@ export of the backbone (HF dir) and the head (safetensors + json).
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Mapping
 
 import jax
@@ -14,9 +13,9 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from cotsafe_jax import models
+from cotsafe_jax import models, paths
 from cotsafe_jax.errors import CotsafeError
-from cotsafe_jax.parallel import mesh as mesh_lib
+from cotsafe_jax.parallel import distributed, mesh as mesh_lib
 from cotsafe_jax.rewards.safety_rm import (SafetyRM, check_pool, init_safety_rm, pool_probs, pooled_log_probs,
                                            token_logits)
 from cotsafe_jax.rewards.safety_rm_data import Encoded, encode_file
@@ -76,7 +75,8 @@ def _batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
 def _put(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
   if mesh is None:
     return {k: jnp.asarray(v) for k, v in batch.items()}
-  return {k: jax.device_put(v, mesh_lib.batch_sharding(mesh, v.ndim, v.shape)) for k, v in batch.items()}
+  # every process draws the same global batch and places its own devices' rows
+  return {k: distributed.global_array(v, mesh_lib.batch_sharding(mesh, v.ndim, v.shape)) for k, v in batch.items()}
 
 
 def evaluate_rm(rm: SafetyRM, data: Encoded, *, batch_size: int, threshold: float = 0.5) -> dict[str, float]:
@@ -149,8 +149,8 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
     return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, metrics
 
   train_step = jax.jit(train_step, donate_argnums=(0,))
-  workdir = os.path.abspath(workdir)
-  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+  workdir = paths.resolve(workdir)  # absolute when local; a gs:// URL as it is
+  manager = ocp.CheckpointManager(paths.join(workdir, "checkpoints"),
                                   options=ocp.CheckpointManagerOptions(max_to_keep=2,
                                                                        save_interval_steps=checkpoint_every))
   start = manager.latest_step() or 0
@@ -163,7 +163,7 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
     batch = _put(train.take(_batch_indices(len(train), batch_size, step, seed)), mesh)
     state, metrics = train_step(state, batch)
     if (step + 1) % log_every == 0 and step + 1 < steps:
-      logger.write(step + 1, jax.device_get(metrics))
+      logger.write(step + 1, distributed.to_host(metrics))
     if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
       manager.save(step + 1, args=ocp.args.StandardSave(state), force=True)
   manager.wait_until_finished()
@@ -173,10 +173,9 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
   result.update(pos_weight=float(pos_weight), train_rows=float(len(train)), train_unsafe_tokens=float(n_pos),
                 truncated_rows=float(train.truncated + evals.truncated),
                 skipped_rows=float(train.skipped + evals.skipped), steps=float(steps))
-  logger.write(steps, {**jax.device_get(metrics), **{f"eval/{k}": v for k, v in result.items()}})
+  logger.write(steps, {**distributed.to_host(metrics), **{f"eval/{k}": v for k, v in result.items()}})
   logger.close()
-  export_dir = rm.export(os.path.join(workdir, "export"))
+  export_dir = rm.export(paths.join(workdir, "export"))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump({**result, "export_dir": export_dir}, f, indent=2)
+    paths.write_text(paths.join(workdir, "summary.json"), json.dumps({**result, "export_dir": export_dir}, indent=2))
   return {**result, "export_dir": export_dir}

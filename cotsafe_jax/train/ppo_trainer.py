@@ -186,7 +186,7 @@ def _user_text(row: Mapping[str, Any]) -> str:
 
 
 def _host(x) -> np.ndarray:
-  return np.asarray(jax.device_get(x))
+  return parallel.to_host(x)  # all-gathered when the array's shards live on several processes
 
 
 def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, ppo: ppo_lib.PPOConfig,
@@ -210,7 +210,10 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
   rows_per_step = check_batch_sizes(prompts_per_step=prompts_per_step, samples_per_prompt=rollout.samples_per_prompt,
                                     ppo=ppo, mesh=mesh)
   loaded = sources.load_prompts(prompts, columns=prompt_columns, on_bad_row=on_bad_row)
-  data_it = pipeline_lib.make_pipeline(loaded.rows, batch_size=prompts_per_step, seed=seed, mixture=mixture)
+  # every process holds the whole batch of prompts (and so computes the rewards of the global batch) and places
+  # its own devices' rows of it (parallel.global_array)
+  data_it = pipeline_lib.make_pipeline(loaded.rows, batch_size=prompts_per_step, seed=seed, mixture=mixture,
+                                       process_index=0, process_count=1)
 
   critic_cfg = backbone = None
   if ppo.uses_critic:
@@ -251,8 +254,8 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
   history: list[dict[str, float]] = []
   num_truncated = int(extra.get("num_truncated", 0))
   with _StopFlag() as stop, logger:
-    step = start
-    while step < num_steps and not stop.requested:
+    step, stopped = start, False
+    while step < num_steps and not stopped:
       rows = next(data_it)
       with logger.phase("rollout"):
         prompt_bp, pmask_bp, n_trunc = encode_prompts(tok, rows, max_prompt_len=rollout.max_prompt_len,
@@ -263,16 +266,16 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
         rows_b = [r for r in rows for _ in range(n)]
         rng, gen_rng, perm_rng = jax.random.split(state.rng, 3)
         state = state.replace(rng=jax.device_put(rng, replicated))
-        gen = rollout_lib.generate(cfg, state.policy, jax.device_put(prompt_bp, bt_sharding),
-                                   jax.device_put(pmask_bp, bt_sharding), rng=gen_rng, max_new_tokens=t,
+        gen = rollout_lib.generate(cfg, state.policy, parallel.global_array(prompt_bp, bt_sharding),
+                                   parallel.global_array(pmask_bp, bt_sharding), rng=gen_rng, max_new_tokens=t,
                                    temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p,
                                    eos_ids=eos, pad_id=pad_id, buckets=(rollout.max_prompt_len,),
                                    cache_phases=rollout.cache_phases, mesh=mesh)
         comp_bt, cmask_bt = _host(gen.tokens_bt), _host(gen.mask_bt)
       with logger.phase("score"):
-        batch = Rollout(tokens_bs=jax.device_put(np.concatenate([prompt_bp, comp_bt], 1), bt_sharding),
-                        mask_bs=jax.device_put(np.concatenate([pmask_bp, cmask_bt], 1), bt_sharding),
-                        completion_mask_bt=jax.device_put(cmask_bt, bt_sharding))
+        batch = Rollout(tokens_bs=parallel.global_array(np.concatenate([prompt_bp, comp_bt], 1), bt_sharding),
+                        mask_bs=parallel.global_array(np.concatenate([pmask_bp, cmask_bt], 1), bt_sharding),
+                        completion_mask_bt=parallel.global_array(cmask_bt, bt_sharding))
         scored = score_step(state.policy, reference, state.critic, batch)
         rb = RewardBatch.from_tokens(tokenizer=tok, prompt_tokens_bp=prompt_bp, prompt_mask_bp=pmask_bp,
                                      completion_tokens_bt=comp_bt, completion_mask_bt=cmask_bt,
@@ -287,9 +290,9 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
           lam = float(state.lagrangian.lam)
         kl_coef = float(state.kl.beta) if state.kl is not None else ppo.kl_coef
         adv_bt, ret_bt, r_bt, kl_bt = advantage_step(
-            jax.device_put(_host(rewards.values_bt), bt_sharding), batch.completion_mask_bt, scored["values_bt"],
+            parallel.global_array(_host(rewards.values_bt), bt_sharding), batch.completion_mask_bt, scored["values_bt"],
             scored["old_logp_bt"], scored["ref_logp_bt"], jnp.float32(kl_coef),
-            jax.device_put(cost_bt, bt_sharding), jnp.float32(lam))
+            parallel.global_array(cost_bt, bt_sharding), jnp.float32(lam))
         data = ScoredRollout(tokens_bs=batch.tokens_bs, mask_bs=batch.mask_bs,
                              completion_mask_bt=batch.completion_mask_bt, old_logp_bt=scored["old_logp_bt"],
                              ref_logp_bt=scored["ref_logp_bt"], old_values_bt=scored["values_bt"],
@@ -343,8 +346,9 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
         logger.write_samples(step, [
             {"prompt": rb.prompts[i], "kind": rb.kinds[i], "response": rb.completions[i],
              "reward": float(reward_seq[i])} for i in range(min(num_logged_samples, len(rows_b)))])
+      stopped = parallel.any_process(stop.requested)  # a signal to any process stops all after this step
       ckpt.save(step, state, data=data_it.get_state(), extra={"num_truncated": num_truncated},
-                force=stop.requested or step == num_steps)
+                force=stopped or step == num_steps)
     if ckpt.latest_step() != step:  # a stop request may have come after this step's save call
       ckpt.save(step, state, data=data_it.get_state(), extra={"num_truncated": num_truncated}, force=True)
     ckpt.close()
