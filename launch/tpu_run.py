@@ -6,7 +6,7 @@
 Several processes: on a multi-host Cloud TPU slice (or under SLURM / Open MPI) jax.distributed starts with no
 flags; elsewhere (GPU clusters, CPU processes) give every process
   --coordinator_address=HOST:PORT --num_processes=N --process_id=I   (HOST:PORT: where process 0 listens)
-Every process prints its index and the global device count first.
+Every process prints its index and the global device count first ("tpu_run: process I of N: ...").
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     from cotsafe_jax.parallel import distributed
     why = distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
                                  process_id=args.process_id)
-    print(f"cotsafe_jax: {distributed.describe()}" + (f" (jax.distributed: {why})" if why else ""), flush=True)
+    print(f"tpu_run: {distributed.describe()}" + (f" (jax.distributed: {why})" if why else ""), flush=True)
     import gin
     from cotsafe_jax import jobs
     gin_files = []

@@ -23,28 +23,32 @@ from jax.sharding import NamedSharding
 from cotsafe_jax.errors import CotsafeError
 
 _initialized = False
-_GOOGLE_PCI_VENDOR = "0x1ae0"  # Cloud TPU chips sit on the PCI bus under Google's vendor id
+_GOOGLE_PCI_VENDOR = "0x1ae0"  # Cloud TPU chips sit on the PCI bus under Google's vendor id, with these device ids
+_TPU_PCI_DEVICES = {"0x0027": "v2/v3", "0x0056": "v4i", "0x005e": "v4", "0x0062": "v5p", "0x0063": "v5e",
+                    "0x006f": "v6e", "0x0076": "tpu7x"}  # (gVNIC, 0x0042, is Google's too and is not a TPU)
 
 
 # ---- is this a Cloud TPU VM, and one of several workers? ---------------------------------------------------
 def tpu_vm_reason(*, environ: dict[str, str] | None = None, sys_root: str = "/") -> str | None:
   """Why this host looks like a Cloud TPU VM, or None. Two things must hold: libtpu is installed (what jax
-  drives TPUs with), and TPU chips are attached: Google-vendor devices on the PCI bus, /dev/accel* (v2-v4) or
-  /dev/vfio/* (v5e and later) device files, or the TPU_* variables GKE and the TPU runtime set. No backend
-  is started (jax.distributed must be initialised before one is)."""
+  drives TPUs with), and TPU chips are attached: TPU devices on the PCI bus (Google's vendor id and a TPU
+  device id, as jax's own check), /dev/accel* (v2-v4) or /dev/vfio/N (v5e and later) device files, or the
+  TPU_* variables GKE and the TPU runtime set. No backend is started (jax.distributed must be initialised
+  before one is). Being a TPU VM is not being one of several: see tpu_worker_count."""
   env = os.environ if environ is None else environ
   if importlib.util.find_spec("libtpu") is None and not env.get("TPU_LIBRARY_PATH"):
     return None
-  vendors = glob.glob(os.path.join(sys_root, "sys/bus/pci/devices/*/vendor"))
-  chips = 0
-  for v in vendors:
+  chips: list[str] = []
+  for dev in glob.glob(os.path.join(sys_root, "sys/bus/pci/devices/*")):
     try:
-      with open(v) as f:
-        chips += f.read().strip() == _GOOGLE_PCI_VENDOR
+      with open(os.path.join(dev, "vendor")) as f, open(os.path.join(dev, "device")) as g:
+        vendor, device = f.read().strip(), g.read().strip()
     except OSError:
       continue
+    if vendor == _GOOGLE_PCI_VENDOR and device in _TPU_PCI_DEVICES:
+      chips.append(_TPU_PCI_DEVICES[device])
   if chips:
-    return f"libtpu and {chips} Google PCI device(s)"
+    return f"libtpu and {len(chips)} TPU {chips[0]} chip(s) on the PCI bus"
   accel = glob.glob(os.path.join(sys_root, "dev/accel*")) + glob.glob(os.path.join(sys_root, "dev/vfio/[0-9]*"))
   if accel:
     return f"libtpu and {len(accel)} TPU device file(s) ({os.path.basename(accel[0])})"
