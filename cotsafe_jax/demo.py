@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-from cotsafe_jax import eval as eval_lib, models, parallel, paths
+from cotsafe_jax import eval as eval_lib, models, parallel, paths as path_lib
 from cotsafe_jax.data import sources, synthetic
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.rewards import CompositeReward
@@ -72,7 +72,7 @@ class RMConfig:
 
 def _write_jsonl(path: str, rows) -> str:
   if parallel.is_main_process():
-    paths.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    path_lib.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
   parallel.barrier(f"demo {path}")  # the other processes read it next
   return path
 
@@ -104,7 +104,7 @@ def baseline_rows(task: synthetic.SyntheticTask, cfg: TaskConfig) -> tuple[list[
 
 def _logged_curve(metrics_path: str) -> list[dict[str, float]]:
   """The eval/ points PPO logged (also those of an earlier, resumed part of the run)."""
-  rows = [json.loads(line) for line in paths.read_text(metrics_path).splitlines() if line.strip()]
+  rows = [json.loads(line) for line in path_lib.read_text(metrics_path).splitlines() if line.strip()]
   return [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("eval/")}}
           for r in rows if any(k.startswith("eval/") for k in r)]
 
@@ -202,10 +202,10 @@ def run_demo(*, workdir: str, task: TaskConfig, policy: models.ModelConfig, rm_b
   process's devices, and all processes must launch them in the same order."""
   mesh = mesh if mesh is not None else parallel.make_mesh()
   concurrent_stages = concurrent_stages and jax.process_count() == 1
-  if paths.exists(os.path.join(workdir, "summary.json")) and parallel.is_main_process():
+  if path_lib.exists(os.path.join(workdir, "summary.json")) and parallel.is_main_process():
     print(f"demo: {workdir} holds an earlier run: its stages resume from their checkpoints, so the stage times "
           "below are not a fresh run's (pass a new --workdir for one)", flush=True)
-  paths.makedirs(workdir)
+  path_lib.makedirs(workdir)
   timings: dict[str, float] = {}
   load_before = [round(x, 2) for x in os.getloadavg()]
   t0 = time.perf_counter()
@@ -253,7 +253,7 @@ def run_demo(*, workdir: str, task: TaskConfig, policy: models.ModelConfig, rm_b
     order = np.random.default_rng(task.seed + 11).permutation(len(spans))
     n_eval_rm = max(len(spans) // 10, 1)
     rm_dir = os.path.join(workdir, "safety_rm")
-    paths.makedirs(rm_dir)
+    path_lib.makedirs(rm_dir)
     rm_train = _write_jsonl(os.path.join(rm_dir, "train_spans.jsonl"), [spans[i] for i in order[n_eval_rm:]])
     rm_eval = _write_jsonl(os.path.join(rm_dir, "eval_spans.jsonl"), [spans[i] for i in order[:n_eval_rm]])
     return train_safety_rm(backbone=rm_backbone, train_path=rm_train, eval_path=rm_eval, workdir=rm_dir,
@@ -328,9 +328,9 @@ def run_demo(*, workdir: str, task: TaskConfig, policy: models.ModelConfig, rm_b
           "baseline": base_info,
           "rm_eval": {k: rm_out[k] for k in rm_out if k.startswith(("token_", "seq", "auroc"))}}
   if parallel.is_main_process():
-    paths.write_text(os.path.join(workdir, "demo_info.json"), json.dumps(info, indent=2, default=float))
+    path_lib.write_text(os.path.join(workdir, "demo_info.json"), json.dumps(info, indent=2, default=float))
     report = os.path.join(workdir, "report.md")
-    paths.write_text(report, paths.read_text(report) + _describe(
+    path_lib.write_text(report, path_lib.read_text(report) + _describe(
         info, base_info, steps=steps, ppo=ppo, samples_per_prompt=rollout.samples_per_prompt,
         batch={"warm_start": warm.batch_size, "sft_baseline": baseline.batch_size, "ppo": prompts_per_step},
         rl_prompts={k: rl_kinds.count(k) for k in synthetic.KINDS}, mixture=mixture))

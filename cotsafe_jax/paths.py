@@ -113,8 +113,9 @@ def copy_tree(src: PathLike, dst: PathLike) -> None:
     rel = os.path.relpath(os.fspath(root), os.fspath(src_p))
     target = dst_p if rel == "." else dst_p / rel
     target.mkdir(parents=True, exist_ok=True)
-    for name in files:
-      (target / name).write_bytes((root / name).read_bytes())
+    for name in files:  # streamed: a model shard is not held in memory whole
+      with (root / name).open("rb") as src, (target / name).open("wb") as dst:
+        shutil.copyfileobj(src, dst, 16 * 1024 * 1024)
 
 
 _LOCAL_COPIES: dict[str, str] = {}

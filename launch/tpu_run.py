@@ -102,6 +102,12 @@ def main(argv=None) -> int:
     workdir = args.workdir or (gin.query_parameter("run.workdir") if _has_binding("run.workdir") else None)
     if workdir:
       _make_workdir(workdir)
+      import jax
+      from cotsafe_jax import paths
+      if jax.process_count() > 1 and paths.is_local(workdir) and jax.process_index() == 0:
+        print(f"tpu_run: note: workdir {workdir} is a local path: every process must see the same directory "
+              "there (one machine, NFS, a GCS fuse mount), or checkpoints are split over disks; gs:// is safe",
+              flush=True)
       _write_config(workdir, gin.config_str())
     try:
       jobs.run(**kwargs)

@@ -63,7 +63,8 @@ def test_sources_read_every_file_format_from_gcs(gcs, tmp_path):
           {"prompt": "What is 2+2?", "kind": "reasoning", "answer": "4", "id": "b"}]
   paths.write_text("gs://b/p.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
   paths.write_text("gs://b/p.json", json.dumps(rows))
-  paths.write_text("gs://b/p.csv", "prompt,kind,id,answer\nHow do I bake bread?,benign,a,\nWhat is 2+2?,reasoning,b,4\n")
+  paths.write_text("gs://b/p.csv",
+                   "prompt,kind,id,answer\nHow do I bake bread?,benign,a,\nWhat is 2+2?,reasoning,b,4\n")
   pq.write_table(pa.Table.from_pylist([{"answer": None, **r} for r in rows]), tmp_path / "p.parquet")
   paths.write_bytes("gs://b/p.parquet", (tmp_path / "p.parquet").read_bytes())
   for ext in ("jsonl", "json", "csv", "parquet"):

@@ -20,7 +20,7 @@ from cotsafe_jax.rewards.safety_rm import (SafetyRM, check_pool, init_safety_rm,
                                            token_logits)
 from cotsafe_jax.rewards.safety_rm_data import Encoded, encode_file
 from cotsafe_jax.train.logging import MetricLogger
-from cotsafe_jax.train.optim import make_optimizer
+from cotsafe_jax.train.optim import make_optimizer, opt_state_shardings
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -139,7 +139,14 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
   cfg = rm.cfg
   optimizer = make_optimizer(learning_rate=learning_rate, warmup_steps=warmup_steps if warmup_steps is not None
                              else max(steps // 20, 0), total_steps=steps, weight_decay=weight_decay)
-  state = {"params": rm.params, "opt_state": jax.jit(optimizer.init)(rm.params)}
+  shardings = None
+  if mesh is not None:  # params born sharded; AdamW moments split like them, its step count replicated
+    params_sh = jax.tree.map(lambda x: x.sharding, rm.params)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rm.params)
+    shardings = {"params": params_sh,
+                 "opt_state": opt_state_shardings(optimizer, shapes, params_sh, mesh_lib.replicated(mesh))}
+  state = {"params": rm.params,
+           "opt_state": jax.jit(optimizer.init, out_shardings=shardings and shardings["opt_state"])(rm.params)}
 
   def train_step(state, batch):
     grads, metrics = jax.grad(lambda p: rm_loss(cfg, p, batch, pos_weight=float(pos_weight), seq_pool=seq_pool),
@@ -148,7 +155,9 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
     metrics["grad_norm"] = optax.global_norm(grads)
     return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, metrics
 
-  train_step = jax.jit(train_step, donate_argnums=(0,))
+  # the state keeps the shardings it was born with (the scoring program expects the params there; under several
+  # processes jit does not move a committed array to another sharding)
+  train_step = jax.jit(train_step, out_shardings=(shardings, None) if shardings else None, donate_argnums=(0,))
   workdir = paths.resolve(workdir)  # absolute when local; a gs:// URL as it is
   manager = ocp.CheckpointManager(paths.join(workdir, "checkpoints"),
                                   options=ocp.CheckpointManagerOptions(max_to_keep=2,

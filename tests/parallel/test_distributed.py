@@ -111,3 +111,51 @@ def test_helpers_in_one_process_are_the_plain_jax_calls():
   parallel.barrier("one process: no-op")
   assert parallel.describe() == f"process 0 of 1: {jax.local_device_count()} local / {jax.device_count()} global " \
                                 f"{jax.devices()[0].platform} devices"
+
+
+_TWO_PROCESS_SCRIPT = r'''
+import sys
+import numpy as np
+from cotsafe_jax.parallel import distributed
+distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from cotsafe_jax import parallel
+p = jax.process_index()
+full = np.arange(16 * 3, dtype=np.int32).reshape(16, 3)  # the global batch; process p holds rows [8p, 8p + 8)
+local = full[8 * p:8 * (p + 1)]
+devs = jax.devices()
+layouts = {
+    "fsdp over all devices": parallel.make_mesh(),
+    "batch replicated (tensor=8)": parallel.make_mesh(data=1, fsdp=1, tensor=8),
+    "devices interleaved across processes": Mesh(np.asarray([devs[i // 2 + 4 * (i % 2)] for i in range(8)])
+                                                 .reshape(1, 8, 1), parallel.MESH_AXES),
+}
+for name, mesh in layouts.items():
+  s = parallel.batch_sharding(mesh, 2, full.shape)
+  g = parallel.host_local_to_global(local, s)
+  assert g.shape == full.shape and g.sharding == s, name
+  np.testing.assert_array_equal(parallel.to_host(g), full, err_msg=name)
+  np.testing.assert_array_equal(parallel.to_host(parallel.global_array(full, s)), full, err_msg=name)
+  for shard in g.addressable_shards:  # each device holds exactly its rows of the global batch
+    np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index], err_msg=name)
+assert parallel.any_process(p == 1) and not parallel.any_process(False)
+np.testing.assert_array_equal(parallel.to_host(np.full(2, p), tiled=True), [0, 0, 1, 1])
+parallel.barrier("done")
+print("ok", p)
+'''
+
+
+def test_helpers_across_two_processes(tmp_path):
+  """host_local_to_global / global_array / to_host / any_process as 2 processes x 4 devices, for a mesh that
+  splits the batch by process, one that replicates it, and one whose devices alternate between processes."""
+  script = tmp_path / "two.py"
+  script.write_text(_TWO_PROCESS_SCRIPT)
+  address = f"127.0.0.1:{multiproc.free_port()}"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+             PYTHONPATH=multiproc.ROOT)
+  procs = [subprocess.Popen([sys.executable, str(script), address, str(i)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  results = multiproc.wait(procs, timeout=300)
+  for i, r in enumerate(results):
+    assert r.returncode == 0 and f"ok {i}" in r.stdout, r.stderr[-3000:]
