@@ -159,6 +159,9 @@ def staged_dir(p: PathLike) -> Iterator[str]:
     else:
       rmtree(p)
       copy_tree(tmp, p)
+      with _LOCAL_LOCK:  # a local copy made before this write is stale
+        for k in [k for k in _LOCAL_COPIES if k == p or k.startswith(p.rstrip("/") + "/")]:
+          shutil.rmtree(_LOCAL_COPIES.pop(k), ignore_errors=True)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -102,6 +102,10 @@ def test_hf_export_and_tokenizer_round_trip_through_gcs(gcs, tmp_path):
   assert cfg2.hidden_size == cfg.hidden_size
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params2)
   assert models.load_tokenizer("gs://bucket/hf")("a b c")["input_ids"] == tok("a b c")["input_ids"]
+  other = models.init_params(cfg, jax.random.key(1))
+  models.save_hf(cfg, other, "gs://bucket/hf")  # overwritten: the next load sees the new weights, not a stale copy
+  _, params3 = models.load_hf("gs://bucket/hf", dtype=jnp.float32)
+  np.testing.assert_array_equal(np.asarray(params3["embed"]), np.asarray(other["embed"]))
 
 
 def test_evaluate_job_reads_and_writes_gcs_through_the_launcher(gcs, tmp_path):
