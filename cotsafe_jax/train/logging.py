@@ -1,13 +1,13 @@
 """Metric writers for a job's workdir: metrics.jsonl, TensorBoard events, tqdm progress, samples.
 
-Only the main process writes; on resume, metrics.jsonl rows after the resumed step are dropped.
+Only the main process writes; on resume, metrics.jsonl rows after the resumed step are dropped. The workdir
+may be a cloud URL (gs://...): files go through cotsafe_jax.paths.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
-import os
 import time
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -16,6 +16,7 @@ import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
 
+from cotsafe_jax import paths
 from cotsafe_jax.errors import CotsafeError
 
 
@@ -39,13 +40,8 @@ def _jsonable(value: Any) -> Any:
   return value
 
 
-def truncate_metrics(path: str, *, last_step: int) -> int:
-  """Keep the rows of a metrics.jsonl with step <= last_step (atomic rewrite); returns rows kept.
-
-  A torn last line (a crash mid-write) is dropped; a bad line elsewhere is an error.
-  """
-  with open(path) as f:
-    lines = f.read().splitlines()
+def _kept_rows(path: str, last_step: int) -> list[str]:
+  lines = paths.read_text(path).splitlines()
   kept = []
   for i, line in enumerate(lines):
     if not line.strip():
@@ -59,10 +55,16 @@ def truncate_metrics(path: str, *, last_step: int) -> int:
       raise CotsafeError(f"{path}:{i + 1}: not a metrics row with an integer 'step' ({e})") from e
     if step <= last_step:
       kept.append(line)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write("".join(line + "\n" for line in kept))
-  os.replace(tmp, path)
+  return kept
+
+
+def truncate_metrics(path: str, *, last_step: int) -> int:
+  """Keep the rows of a metrics.jsonl with step <= last_step (atomic rewrite); returns rows kept.
+
+  A torn last line (a crash mid-write) is dropped; a bad line elsewhere is an error.
+  """
+  kept = _kept_rows(path, last_step)
+  paths.write_text(path, "".join(line + "\n" for line in kept))
   return len(kept)
 
 
@@ -84,8 +86,8 @@ class MetricLogger:
                postfix_keys: Sequence[str] = (), desc: str = "train"):
     self.workdir = workdir
     self.is_main = (jax.process_index() == 0) if is_main is None else is_main
-    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
-    self.samples_dir = os.path.join(workdir, "samples")
+    self.metrics_path = paths.join(workdir, "metrics.jsonl")
+    self.samples_dir = paths.join(workdir, "samples")
     self._postfix_keys = tuple(postfix_keys)
     self._phases: dict[str, float] = {}
     self._tokens = 0
@@ -93,15 +95,15 @@ class MetricLogger:
     self._file = self._tb = self._bar = None
     if not self.is_main:
       return
-    os.makedirs(workdir, exist_ok=True)
-    if resume_step is not None and os.path.exists(self.metrics_path):
-      truncate_metrics(self.metrics_path, last_step=resume_step)
-      self._file = open(self.metrics_path, "a")
-    else:
-      self._file = open(self.metrics_path, "w")
+    paths.makedirs(workdir)
+    keep = ""
+    if resume_step is not None and paths.exists(self.metrics_path):
+      keep = "".join(line + "\n" for line in _kept_rows(self.metrics_path, resume_step))
+    self._file = paths.AppendFile(self.metrics_path, keep=keep)
     if tensorboard:
       purge = None if resume_step is None else resume_step + 1
-      self._tb = SummaryWriter(logdir=workdir, purge_step=purge, flush_secs=30)
+      paths.register_tensorboard(workdir)
+      self._tb = SummaryWriter(logdir=paths.resolve(workdir), purge_step=purge, flush_secs=30)
     self._bar = tqdm.tqdm(total=total_steps, initial=resume_step or 0, dynamic_ncols=True,
                           desc=desc)
 
@@ -129,7 +131,6 @@ class MetricLogger:
     self._phases, self._tokens, self._last_write = {}, 0, now
     if self.is_main:
       self._file.write(json.dumps({"step": int(step), **_jsonable(row)}) + "\n")
-      self._file.flush()
       if self._tb is not None:
         for name, v in row.items():
           self._tb.add_scalar(name, v, global_step=int(step))
@@ -142,12 +143,9 @@ class MetricLogger:
     """Write rows (dicts of JSON-able values, arrays allowed) to samples/step_{step}.jsonl."""
     if not self.is_main:
       return None
-    os.makedirs(self.samples_dir, exist_ok=True)
-    path = os.path.join(self.samples_dir, f"step_{int(step)}.jsonl")
-    with open(path, "w") as f:
-      for row in rows:
-        f.write(json.dumps(_jsonable(dict(row)), ensure_ascii=False) + "\n")
-    return path
+    path = paths.join(self.samples_dir, f"step_{int(step)}.jsonl")
+    return paths.write_text(path, "".join(json.dumps(_jsonable(dict(row)), ensure_ascii=False) + "\n"
+                                          for row in rows))
 
   def close(self) -> None:
     if self._tb is not None:
