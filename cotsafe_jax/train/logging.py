@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+import uuid
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
@@ -208,7 +209,11 @@ def wandb_run(config: WandbConfig | None, *, workdir: str, job: str,
                        "pip install wandb (or 'cotsafe_jax[wandb]')") from None
   os.makedirs(workdir, exist_ok=True)
   id_path = os.path.join(workdir, "wandb_run_id")
-  run_id = open(id_path).read().strip() if os.path.exists(id_path) else wandb.util.generate_id()
+  if os.path.exists(id_path):
+    with open(id_path) as f:
+      run_id = f.read().strip()
+  else:
+    run_id = uuid.uuid4().hex[:8]
   with open(id_path, "w") as f:
     f.write(run_id + "\n")
   run = wandb.init(project=config.project, entity=config.entity, name=config.name or os.path.basename(
