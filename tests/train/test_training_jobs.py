@@ -275,3 +275,36 @@ def test_tiny_ppo_validation_every_step_and_report(tmp_path):
   assert saved["report"]["counts"]["n"] == 8
   report = (tmp_path / "report.md").read_text()
   assert "## Validation at step 2" in report and "| reward/mean |" in report
+
+
+def test_ppo_with_weighted_sources_resumes_each_source_where_it_stopped(tmp_path):
+  """Prompts from two Sources at weights 3:1; the run stops after 2 steps and is resumed to 3: step 3's batch is
+  the mixture's third batch, and the checkpoint holds each source's position."""
+  from cotsafe_jax.data import mixture, sources
+  rows = [json.loads(line) for line in open(os.path.join(ROOT, "data", "tiny_prompts.jsonl"))]
+  a = _jsonl(tmp_path / "safety.jsonl", [r for r in rows if r["kind"] != "reasoning"])
+  b = _jsonl(tmp_path / "math.jsonl", [r for r in rows if r["kind"] == "reasoning"])
+  srcs = [sources.Source(path=a, weight=3.0), sources.Source(path=b, weight=1.0)]
+  bind = {"ppo_train.prompts": "[@safety/Source(), @math/Source()]", "safety/Source.path": repr(a),
+          "safety/Source.weight": 3.0, "math/Source.path": repr(b), "math/Source.weight": 1.0,
+          "ppo_train.save_interval_steps": 1, "ppo_train.async_checkpoint": False, "ppo_train.export_hf": False,
+          "ppo_train.samples_every": 1, "ppo_train.num_logged_samples": 16, "ppo_train.report": False,
+          "RolloutConfig.max_new_tokens": 8}
+  _run("gin/experiments/tiny_ppo_cpu.gin", {**bind, "ppo_train.num_steps": 2}, tmp_path / "run")
+  out = _run("gin/experiments/tiny_ppo_cpu.gin", {**bind, "ppo_train.num_steps": 3}, tmp_path / "run")
+  assert out["step"] == 3 and len(out["history"]) == 1  # resumed: one new step
+  want = mixture.training_data(srcs, schema="prompts").make_pipeline(batch_size=16, seed=0, process_index=0,
+                                                                     process_count=1)
+  batches = [next(want) for _ in range(3)]
+  got = [json.loads(line)["prompt"] for line in open(tmp_path / "run" / "samples" / "step_3.jsonl")]
+  assert got == [r["prompt"] for r in batches[2]]
+  assert sum(r["source"] == "safety" for r in batches[2]) == 12  # 3:1 of 16 rows
+  saved = []
+  for path in glob.glob(str(tmp_path / "run" / "checkpoints" / "3" / "data" / "*")):
+    try:
+      saved.append(json.load(open(path)))
+    except (ValueError, UnicodeDecodeError, IsADirectoryError):
+      continue
+  state = next(s for s in saved if isinstance(s, dict) and "fingerprint" in s)
+  assert state["step"] == 3 and state["sources"] == want.positions()
+  assert state["sources"]["safety"]["rows_seen"] == 36 and state["sources"]["math"]["rows_seen"] == 12
