@@ -1,10 +1,8 @@
 """Training mixtures: rows from Sources, decontamination against evaluation prompts, weighted batches (shares,
 positions per source, exact resume), and the statistics the dry run prints."""
 import collections
-import itertools
 import json
 
-import numpy as np
 import pytest
 
 from cotsafe_jax import CotsafeError

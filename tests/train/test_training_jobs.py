@@ -273,6 +273,8 @@ def test_tiny_ppo_validation_every_step_and_report(tmp_path):
     assert "val/safety_rate_cot" not in r  # no safety scorer: the rate is null, not logged
   saved = json.loads((tmp_path / "validation" / "step_2.json").read_text())
   assert saved["report"]["counts"]["n"] == 8
+  events = b"".join(open(p, "rb").read() for p in glob.glob(str(tmp_path / "events.out.tfevents.*")))
+  assert b"val/accuracy" in events and b"val/tiny/accuracy" in events  # the same rows in TensorBoard
   report = (tmp_path / "report.md").read_text()
   assert "## Validation at step 2" in report and "| reward/mean |" in report
 
@@ -308,3 +310,22 @@ def test_ppo_with_weighted_sources_resumes_each_source_where_it_stopped(tmp_path
   state = next(s for s in saved if isinstance(s, dict) and "fingerprint" in s)
   assert state["step"] == 3 and state["sources"] == want.positions()
   assert state["sources"]["safety"]["rows_seen"] == 36 and state["sources"]["math"]["rows_seen"] == 12
+
+
+@pytest.mark.parametrize("job,binding,message", [
+    ("train_safety_rm", "train_safety_rm.stepz = 3", "gin: 'train_safety_rm' has no parameter 'stepz' (did you mean: steps?)"),
+    ("train_safety_rm", "train_safety_rm.steps = 'x'", "gin: train_safety_rm.steps = 'x' is a str, expected int"),
+    ("ppo_train", "ppo_train.samples_evry = 3", "gin: 'ppo_train' has no parameter 'samples_evry' (did you mean: samples_every?)"),
+])
+def test_bindings_passed_through_a_job_are_checked(job, binding, message, tmp_path):
+  from cotsafe_jax import CotsafeError
+  gin_file = {"train_safety_rm": RM_RECIPE, "ppo_train": "gin/experiments/tiny_ppo_cpu.gin"}[job]
+  with pytest.raises(CotsafeError) as e:
+    gin.clear_config()
+    gin.add_config_file_search_path(ROOT)
+    try:
+      gin.parse_config_files_and_bindings([os.path.join(ROOT, gin_file)], [binding])
+      jobs.run(workdir=str(tmp_path))
+    finally:
+      gin.clear_config()
+  assert str(e.value).splitlines()[0] == "cotsafe_jax: " + message  # the line the launcher prints
