@@ -152,14 +152,17 @@ def _tokenizer_dir(job: str, *dirs: Any) -> str:
 
 def _data_stats(workdir: str, job: str, data: mixture_lib.TrainingData, *, batch_size: int, num_steps: int | None,
                 mixture: Mapping[str, float] | None = None, length_of: Callable[[Any], int] | None = None,
-                max_len: int | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """The mixture's statistics, printed and written to workdir/data_stats.json."""
+                max_len: int | None = None, extra: Mapping[str, Any] | None = None,
+                write: bool = True) -> dict[str, Any]:
+  """The mixture's statistics, printed and (write) written to workdir/data_stats.json. A training run writes
+  them once it has run (a run that fails on bad input leaves nothing behind)."""
   stats = mixture_lib.mixture_stats(data, batch_size=batch_size, num_steps=num_steps, mixture=mixture,
                                     length_of=length_of, max_len=max_len)
   stats.update(extra or {})
   if parallel.is_main_process():
     print(mixture_lib.format_stats(stats, title=f"{job} data"), flush=True)
-  _write_json(os.path.join(workdir, "data_stats.json"), stats)
+  if write:
+    _write_json(os.path.join(workdir, "data_stats.json"), stats)
   return stats
 
 
@@ -212,8 +215,8 @@ def ppo_train(*, workdir: str, num_steps: int = gin.REQUIRED, policy: ppo_traine
     stats = _data_stats(workdir, "ppo_train", data, batch_size=prompts_per_step, num_steps=num_steps,
                         mixture=mixture, length_of=length_of, max_len=rollout.max_prompt_len, extra=extra)
     return {"dry_run": True, "data": stats}
-  _data_stats(workdir, "ppo_train", data, batch_size=prompts_per_step, num_steps=num_steps, mixture=mixture,
-              extra=extra)
+  stats = _data_stats(workdir, "ppo_train", data, batch_size=prompts_per_step, num_steps=num_steps,
+                      mixture=mixture, extra=extra, write=False)
   check = None
   if val_rows is not None and eval_every:
     config = eval_config if eval_config is not None else eval_lib.EvalConfig(
@@ -231,6 +234,7 @@ def ppo_train(*, workdir: str, num_steps: int = gin.REQUIRED, policy: ppo_traine
     out = ppo_trainer.train(workdir=workdir, num_steps=num_steps, policy=policy, reward=reward, prompts=data,
                             prompts_per_step=prompts_per_step, ppo=ppo, rollout=rollout, optim=optim, mixture=mixture,
                             on_bad_row=on_bad_row, seed=seed, step_callback=callback, **kwargs)
+  _write_json(os.path.join(workdir, "data_stats.json"), stats)
   if report:
     _report(workdir, "ppo_train", _PPO_CURVES)
   if parallel.is_main_process():
@@ -269,7 +273,8 @@ def sft_train(*, workdir: str, data: Any = gin.REQUIRED, config: sft_trainer.SFT
                         length_of=lambda row: len(sft_trainer.encode_row(tok, row, where=loaded.source)[0]),
                         max_len=config.max_len, extra=extra)
     return {"dry_run": True, "data": stats}
-  _data_stats(workdir, "sft_train", loaded, batch_size=config.batch_size, num_steps=num_steps, extra=extra)
+  stats = _data_stats(workdir, "sft_train", loaded, batch_size=config.batch_size, num_steps=num_steps,
+                      extra=extra, write=False)
   check = None
   if val_rows is not None:
     if not eval_every:
@@ -279,6 +284,7 @@ def sft_train(*, workdir: str, data: Any = gin.REQUIRED, config: sft_trainer.SFT
   with logging_lib.wandb_run(wandb, workdir=workdir, job="sft_train", run_config=_run_config()):
     out = sft_trainer.sft_train(workdir=workdir, data=loaded, config=config, on_bad_row=on_bad_row,
                                 step_callback=callback, **kwargs)
+  _write_json(os.path.join(workdir, "data_stats.json"), stats)
   if report:
     _report(workdir, "sft_train", ("loss", "token_accuracy", "grad_norm", "lr"),
             final={k: v for k, v in out.items() if k.startswith(("num_", "val/"))})
@@ -319,10 +325,12 @@ def train_safety_rm(*, workdir: str, train_path: Any = gin.REQUIRED, eval_path: 
     stats = _data_stats(workdir, "train_safety_rm", train, batch_size=batch_size, num_steps=steps,
                         length_of=length_of, max_len=max_len, extra=extra)
     return {"dry_run": True, "data": stats}
-  _data_stats(workdir, "train_safety_rm", train, batch_size=batch_size, num_steps=steps, extra=extra)
+  stats = _data_stats(workdir, "train_safety_rm", train, batch_size=batch_size, num_steps=steps, extra=extra,
+                      write=False)
   with logging_lib.wandb_run(wandb, workdir=workdir, job="train_safety_rm", run_config=_run_config()):
     out = rewards.train_safety_rm(workdir=workdir, train_path=train, eval_path=evals, on_bad_row=on_bad_row,
                                   **kwargs)
+  _write_json(os.path.join(workdir, "data_stats.json"), stats)
   if report:
     _report(workdir, "train_safety_rm", ("loss", "token_loss", "seq_loss", "grad_norm"),
             final={k: v for k, v in out.items() if k != "export_dir"})
