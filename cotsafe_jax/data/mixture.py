@@ -44,8 +44,8 @@ class Dedup:
   """Which training rows to drop as duplicates, and how they are found.
 
   against: evaluation Sources (e.g. the suite of gin/eval/*.gin): a training row whose prompt duplicates one
-  of their prompts is dropped. within: also drop a training row whose prompt exactly repeats an earlier
-  training row's (in source order). Two prompts are compared as normalize_words gives them:
+  of their prompts (all rows of each, whatever its max_rows) is dropped. within: also drop a training row whose
+  prompt exactly repeats an earlier training row's (in source order). Two prompts are compared as normalize_words gives them:
     exact:  the same word sequence;
     near:   overlap(G(a), G(b)) = |G(a) & G(b)| / min(|G(a)|, |G(b)|) >= threshold, with G the set of word
             `ngram`-grams (word_ngrams), so a training prompt that contains an evaluation prompt (a jailbreak
@@ -198,7 +198,9 @@ def _decontaminate(rows: list[dict[str, Any]], dedup: Dedup | None, *, on_bad_ro
     return rows, []
   index = None
   if dedup.against:
-    evals = load_sources(list(dedup.against), on_bad_row=on_bad_row, seed=seed, schema="prompts")
+    # every prompt of each evaluation file: a cap on how many an evaluation samples does not shrink the index
+    evals = load_sources([dataclasses.replace(src, max_rows=None) for src in dedup.against], on_bad_row=on_bad_row,
+                         seed=seed, schema="prompts")
     index = EvalIndex(evals.rows, ngram=dedup.ngram, threshold=dedup.threshold)
   seen: set[tuple[str, ...]] = set()
   kept, dropped = [], []

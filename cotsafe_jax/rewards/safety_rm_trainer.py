@@ -107,8 +107,8 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: Any, eval
   backbone: an HF dir (loaded) or a ModelConfig (initialised with `seed`); tokenizer_dir defaults to the
   backbone dir. Data (train_path, eval_path): one file in any format data.load_spans reads (`columns`: a field
   map or preset; on_bad_row: raise | skip), a list of data.Source (weights mix the training batches), or a
-  data.TrainingData. Every whole response ends with the policy's stop token (stop_token_id, default the tokenizer's eos),
-  labelled safe: PPO scores it (safety_rm_data.encode_row says why). pos_weight None = n_negative / n_positive
+  data.TrainingData. Every whole response ends with the policy's stop token (stop_token_id, default the
+  tokenizer's eos), labelled safe: PPO scores it (safety_rm_data.encode_row says why). pos_weight None = n_negative / n_positive
   over the training tokens. Resumes from the latest
   checkpoint in workdir/checkpoints. Writes metrics.jsonl, TensorBoard events, summary.json, export/.
   The state (params and AdamW moments) is born sharded on `mesh`; remat: the backbone's rematerialisation

@@ -80,6 +80,9 @@ def test_training_rows_decontaminated_and_counted(tmp_path):
   assert len(one.rows) == 3 and "source" not in one.rows[0] and one.stats[b]["dropped_repeat"] == 1
   with pytest.raises(CotsafeError, match="no training rows left after deduplication"):
     mixture.training_data(a, schema="prompts", dedup=mixture.Dedup(against=[sources.Source(path=ev)]))
+  # an evaluation's sample cap does not shrink the index: every prompt of its file counts
+  with pytest.raises(CotsafeError, match="no training rows left after deduplication"):
+    mixture.training_data(a, schema="prompts", dedup=mixture.Dedup(against=[sources.Source(path=ev, max_rows=1)]))
 
 
 def test_weights_on_some_sources_only_and_one_file_options_are_errors(tmp_path):

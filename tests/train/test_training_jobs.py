@@ -313,9 +313,11 @@ def test_ppo_with_weighted_sources_resumes_each_source_where_it_stopped(tmp_path
 
 
 @pytest.mark.parametrize("job,binding,message", [
-    ("train_safety_rm", "train_safety_rm.stepz = 3", "gin: 'train_safety_rm' has no parameter 'stepz' (did you mean: steps?)"),
+    ("train_safety_rm", "train_safety_rm.stepz = 3",
+     "gin: 'train_safety_rm' has no parameter 'stepz' (did you mean: steps?)"),
     ("train_safety_rm", "train_safety_rm.steps = 'x'", "gin: train_safety_rm.steps = 'x' is a str, expected int"),
-    ("ppo_train", "ppo_train.samples_evry = 3", "gin: 'ppo_train' has no parameter 'samples_evry' (did you mean: samples_every?)"),
+    ("ppo_train", "ppo_train.samples_evry = 3",
+     "gin: 'ppo_train' has no parameter 'samples_evry' (did you mean: samples_every?)"),
 ])
 def test_bindings_passed_through_a_job_are_checked(job, binding, message, tmp_path):
   from cotsafe_jax import CotsafeError
