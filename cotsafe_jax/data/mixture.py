@@ -45,7 +45,8 @@ class Dedup:
 
   against: evaluation Sources (e.g. the suite of gin/eval/*.gin): a training row whose prompt duplicates one
   of their prompts (all rows of each, whatever its max_rows) is dropped. within: also drop a training row whose
-  prompt exactly repeats an earlier training row's (in source order). Two prompts are compared as normalize_words gives them:
+  prompt exactly repeats an earlier training row's (in source order). Two prompts are compared as
+  normalize_words gives them:
     exact:  the same word sequence;
     near:   overlap(G(a), G(b)) = |G(a) & G(b)| / min(|G(a)|, |G(b)|) >= threshold, with G the set of word
             `ngram`-grams (word_ngrams), so a training prompt that contains an evaluation prompt (a jailbreak

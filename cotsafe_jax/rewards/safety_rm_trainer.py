@@ -108,9 +108,9 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: Any, eval
   backbone dir. Data (train_path, eval_path): one file in any format data.load_spans reads (`columns`: a field
   map or preset; on_bad_row: raise | skip), a list of data.Source (weights mix the training batches), or a
   data.TrainingData. Every whole response ends with the policy's stop token (stop_token_id, default the
-  tokenizer's eos), labelled safe: PPO scores it (safety_rm_data.encode_row says why). pos_weight None = n_negative / n_positive
-  over the training tokens. Resumes from the latest
-  checkpoint in workdir/checkpoints. Writes metrics.jsonl, TensorBoard events, summary.json, export/.
+  tokenizer's eos), labelled safe: PPO scores it (safety_rm_data.encode_row says why). pos_weight None =
+  n_negative / n_positive over the training tokens. Resumes from the latest checkpoint in workdir/checkpoints
+  (the batches are a function of the step). Writes metrics.jsonl, TensorBoard events, summary.json, export/.
   The state (params and AdamW moments) is born sharded on `mesh`; remat: the backbone's rematerialisation
   (models.REMAT_POLICIES). A step with a non-finite loss or gradients changes nothing (counted, its rows
   logged); max_nonfinite_steps of them in a row stop the job.
