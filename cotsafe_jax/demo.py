@@ -12,9 +12,10 @@ import threading
 import time
 from typing import Any, Callable, Mapping
 
+import jax
 import numpy as np
 
-from cotsafe_jax import eval as eval_lib, models, parallel
+from cotsafe_jax import eval as eval_lib, models, parallel, paths as path_lib
 from cotsafe_jax.data import sources, synthetic
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.rewards import CompositeReward
@@ -70,9 +71,9 @@ class RMConfig:
 
 
 def _write_jsonl(path: str, rows) -> str:
-  with open(path, "w") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
+  if parallel.is_main_process():
+    path_lib.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+  parallel.barrier(f"demo {path}")  # the other processes read it next
   return path
 
 
@@ -103,8 +104,7 @@ def baseline_rows(task: synthetic.SyntheticTask, cfg: TaskConfig) -> tuple[list[
 
 def _logged_curve(metrics_path: str) -> list[dict[str, float]]:
   """The eval/ points PPO logged (also those of an earlier, resumed part of the run)."""
-  with open(metrics_path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  rows = [json.loads(line) for line in path_lib.read_text(metrics_path).splitlines() if line.strip()]
   return [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("eval/")}}
           for r in rows if any(k.startswith("eval/") for k in r)]
 
@@ -196,12 +196,16 @@ def run_demo(*, workdir: str, task: TaskConfig, policy: models.ModelConfig, rm_b
              eval_max_new_tokens: int = 64, eval_batch_size: int = 40, curve_every: int = 10,
              curve_prompts: int = 60, mixture: Mapping[str, float] | None = None, reward_clip: float | None = None,
              concurrent_stages: bool = True, mesh: Any = None) -> dict[str, Any]:
-  """Run every stage into `workdir`; returns the summary {"base", "sft", "ppo"}, stage timings and run facts."""
+  """Run every stage into `workdir`; returns the summary {"base", "sft", "ppo"}, stage timings and run facts.
+
+  With several processes the concurrent stages run one after another: each stage's programs span every
+  process's devices, and all processes must launch them in the same order."""
   mesh = mesh if mesh is not None else parallel.make_mesh()
-  if os.path.exists(os.path.join(workdir, "summary.json")) and parallel.is_main_process():
+  concurrent_stages = concurrent_stages and jax.process_count() == 1
+  if path_lib.exists(os.path.join(workdir, "summary.json")) and parallel.is_main_process():
     print(f"demo: {workdir} holds an earlier run: its stages resume from their checkpoints, so the stage times "
           "below are not a fresh run's (pass a new --workdir for one)", flush=True)
-  os.makedirs(workdir, exist_ok=True)
+  path_lib.makedirs(workdir)
   timings: dict[str, float] = {}
   load_before = [round(x, 2) for x in os.getloadavg()]
   t0 = time.perf_counter()
@@ -225,10 +229,14 @@ def run_demo(*, workdir: str, task: TaskConfig, policy: models.ModelConfig, rm_b
                             kind_fractions=task.kind_fractions, p_unsafe=task.p_unsafe,
                             p_unsafe_by_substance=task.p_unsafe_by_substance,
                             p_over_refusal=task.p_over_refusal, p_reflection=task.p_reflection)
-    paths = synthetic.write_task(t, data_dir)
+    files = {f: os.path.join(data_dir, n) for f, n in synthetic.TASK_FILES.items()}
+    files["tokenizer"] = os.path.join(data_dir, "tokenizer")
+    if parallel.is_main_process():  # one writer; the task is the same on every process (seeded)
+      synthetic.write_task(t, data_dir)
+    parallel.barrier("demo data")
     rows, info = baseline_rows(t, task)
-    paths["sft_baseline"] = _write_jsonl(os.path.join(data_dir, "sft_baseline.jsonl"), rows)
-    return t, paths, info
+    files["sft_baseline"] = _write_jsonl(os.path.join(data_dir, "sft_baseline.jsonl"), rows)
+    return t, files, info
 
   t, paths, base_info = timed("data", data)()
   tok_dir = paths["tokenizer"]
@@ -245,7 +253,7 @@ def run_demo(*, workdir: str, task: TaskConfig, policy: models.ModelConfig, rm_b
     order = np.random.default_rng(task.seed + 11).permutation(len(spans))
     n_eval_rm = max(len(spans) // 10, 1)
     rm_dir = os.path.join(workdir, "safety_rm")
-    os.makedirs(rm_dir, exist_ok=True)
+    path_lib.makedirs(rm_dir)
     rm_train = _write_jsonl(os.path.join(rm_dir, "train_spans.jsonl"), [spans[i] for i in order[n_eval_rm:]])
     rm_eval = _write_jsonl(os.path.join(rm_dir, "eval_spans.jsonl"), [spans[i] for i in order[:n_eval_rm]])
     return train_safety_rm(backbone=rm_backbone, train_path=rm_train, eval_path=rm_eval, workdir=rm_dir,
@@ -320,13 +328,12 @@ def run_demo(*, workdir: str, task: TaskConfig, policy: models.ModelConfig, rm_b
           "baseline": base_info,
           "rm_eval": {k: rm_out[k] for k in rm_out if k.startswith(("token_", "seq", "auroc"))}}
   if parallel.is_main_process():
-    with open(os.path.join(workdir, "demo_info.json"), "w") as f:
-      json.dump(info, f, indent=2, default=float)
-    with open(os.path.join(workdir, "report.md"), "a") as f:
-      f.write(_describe(info, base_info, steps=steps, ppo=ppo, samples_per_prompt=rollout.samples_per_prompt,
-                        batch={"warm_start": warm.batch_size, "sft_baseline": baseline.batch_size,
-                               "ppo": prompts_per_step},
-                        rl_prompts={k: rl_kinds.count(k) for k in synthetic.KINDS}, mixture=mixture))
+    path_lib.write_text(os.path.join(workdir, "demo_info.json"), json.dumps(info, indent=2, default=float))
+    report = os.path.join(workdir, "report.md")
+    path_lib.write_text(report, path_lib.read_text(report) + _describe(
+        info, base_info, steps=steps, ppo=ppo, samples_per_prompt=rollout.samples_per_prompt,
+        batch={"warm_start": warm.batch_size, "sft_baseline": baseline.batch_size, "ppo": prompts_per_step},
+        rl_prompts={k: rl_kinds.count(k) for k in synthetic.KINDS}, mixture=mixture))
     print(table)
     print(f"demo: total {info['total_s']:.0f} s; stage times {info['timings_s']}")
   return {"summary": summaries, **info}

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cotsafe_jax import demo as demo_lib, eval as eval_lib, models, parallel, rewards, rl
+from cotsafe_jax import demo as demo_lib, eval as eval_lib, models, parallel, paths, rewards, rl
 from cotsafe_jax.data import mixture as mixture_lib, sources
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.plan import run as plan_lib
@@ -48,10 +48,7 @@ for _fn, _name in [
 
 def _write_json(path: str, obj: Any) -> None:
   if parallel.is_main_process():
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    paths.write_text(path, json.dumps(obj, indent=2))
 
 
 def _human(n: float) -> str:
@@ -106,7 +103,7 @@ def export_hf(*, workdir: str, hf_dir: str = gin.REQUIRED, out_dir: str | None =
   cfg, params = models.load_hf(hf_dir, dtype=jnp.dtype(dtype), mesh=mesh)
   tok_dir = tokenizer_dir or hf_dir
   tokenizer = None
-  if any(os.path.exists(os.path.join(tok_dir, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
+  if any(paths.exists(os.path.join(tok_dir, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
     tokenizer = models.load_tokenizer(tok_dir, model_vocab_size=cfg.vocab_size)
   elif tokenizer_dir:
     raise CotsafeError(f"{tokenizer_dir}: no tokenizer.json or tokenizer_config.json")
@@ -415,8 +412,7 @@ def _earlier_run(name: str, run_dir: str, facts: Mapping[str, Any]) -> dict[str,
   """An evaluate workdir's one policy entry (and its speed, lengths), checked to be the same evaluation."""
   path = os.path.join(run_dir, "summary.json")
   try:
-    with open(path, encoding="utf-8") as f:
-      summary = json.load(f)
+    summary = json.loads(paths.read_text(path))
   except (OSError, json.JSONDecodeError) as e:
     raise CotsafeError(f"compare: runs[{name!r}]: cannot read {path} ({type(e).__name__}), expected an evaluate "
                        "workdir") from None
@@ -430,13 +426,11 @@ def _earlier_run(name: str, run_dir: str, facts: Mapping[str, Any]) -> dict[str,
                          f"than this comparison ({facts[key]}); side by side numbers must share suite and sampling")
   out = {"report": next(iter(policies.values())), "speed": None, "lengths": None}
   run_json = os.path.join(run_dir, "run.json")
-  if os.path.exists(run_json):
-    with open(run_json, encoding="utf-8") as f:
-      out["speed"] = next(iter(json.load(f).values()), {}).get("speed")
+  if paths.exists(run_json):
+    out["speed"] = next(iter(json.loads(paths.read_text(run_json)).values()), {}).get("speed")
   samples = os.path.join(run_dir, "samples.jsonl")
-  if os.path.exists(samples):
-    with open(samples, encoding="utf-8") as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+  if paths.exists(samples):
+    rows = [json.loads(line) for line in paths.read_text(samples).splitlines() if line.strip()]
     out["lengths"] = {"response": np.asarray([r["num_tokens"] for r in rows]),
                       "reasoning": np.asarray([r["num_reasoning_tokens"] for r in rows])}
   return out
@@ -504,7 +498,7 @@ def run(*, job: Callable[..., Any] = gin.REQUIRED, workdir: str | None = None) -
   reads its data: its reward and judge bindings are left unbuilt (no guard or RM is loaded)."""
   if workdir is None:
     raise CotsafeError("no workdir: pass --workdir=... or bind run.workdir in gin")
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)  # a local dir or a gs:// URL
   name = getattr(job, "__name__", "")
   if name in _NOT_BUILT_IN_DRY_RUN and _dry_run_requested(name):
     with gin.unlock_config():

@@ -1,4 +1,5 @@
-"""Local prompt / SFT / safety-span rows from jsonl, json, csv, tsv, parquet, `datasets` dirs and tfds.
+"""Prompt / SFT / safety-span rows from jsonl, json, csv, tsv, parquet, `datasets` dirs and tfds (local paths or
+gs:// URLs, read through cotsafe_jax.paths).
 
 A `columns` map (or a named preset for a public set) renames source fields to ours; every row is validated.
 A list of `Source`s (an evaluation suite or a training mixture) loads into one list of rows tagged by source.
@@ -8,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
@@ -18,6 +20,7 @@ import sys
 from typing import Any, Iterator, Mapping, Sequence
 
 from cotsafe_jax.data.presets import PRESETS, BadRow as _BadRow, ColumnPreset
+from cotsafe_jax import paths
 from cotsafe_jax.errors import CotsafeError
 
 KINDS = ("harmful", "benign", "reasoning")
@@ -41,7 +44,7 @@ class Rows:
 
 # ---- readers: yield (line, raw row or _BadRow) ---------------------------------------------------------
 def _jsonl(path: str) -> Iterator[tuple[int, Any]]:
-  with open(path, "rb") as f:  # decoded line by line: a bad byte is that line's error, not the file's
+  with paths.open_file(path, "rb") as f:  # decoded line by line: a bad byte is that line's error, not the file's
     for line_no, raw in enumerate(f, 1):
       try:
         line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
@@ -58,8 +61,7 @@ def _jsonl(path: str) -> Iterator[tuple[int, Any]]:
 
 
 def _json(path: str) -> Iterator[tuple[int, Any]]:
-  with open(path, encoding="utf-8-sig") as f:
-    text = f.read()
+  text = paths.read_bytes(path).decode("utf-8-sig")
   pos = _WS.match(text).end()
   if not text.startswith("[", pos):  # `datasets` writes .json files as JSON lines
     yield from _jsonl(path)
@@ -83,7 +85,7 @@ def _json(path: str) -> Iterator[tuple[int, Any]]:
 
 def _csv(path: str, delimiter: str) -> Iterator[tuple[int, Any]]:
   csv.field_size_limit(max(csv.field_size_limit(), min(sys.maxsize, 2**31 - 1)))  # prompts can be long
-  with open(path, encoding="utf-8-sig", newline="") as f:
+  with io.TextIOWrapper(paths.open_file(path, "rb"), encoding="utf-8-sig", newline="") as f:
     reader = csv.reader(f, delimiter=delimiter)
     header = next(reader, None)
     if header is None:
@@ -102,7 +104,9 @@ def _csv(path: str, delimiter: str) -> Iterator[tuple[int, Any]]:
 def _parquet(path: str) -> Iterator[tuple[int, Any]]:
   import pyarrow.parquet as pq
 
-  for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
+  with paths.open_file(path, "rb") as f:
+    table = pq.read_table(f)
+  for i, row in enumerate(table.to_pylist(), 1):
     yield i, row
 
 
@@ -165,14 +169,14 @@ def _utf8(source: str, rows: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, A
 def _read(source: str, split: str | None, data_dir: str | None) -> Iterator[tuple[int, Any]]:
   if source.startswith("tfds:"):
     return _tfds(source, split, data_dir)
-  if os.path.isdir(source):
-    if os.path.exists(os.path.join(source, "features.json")):
+  if paths.isdir(source):  # datasets and tfds read gs:// dirs themselves (fsspec / epath)
+    if paths.exists(paths.join(source, "features.json")):
       return _tfds(source, split, data_dir)
-    if any(os.path.exists(os.path.join(source, f)) for f in ("dataset_dict.json", "state.json")):
+    if any(paths.exists(paths.join(source, f)) for f in ("dataset_dict.json", "state.json")):
       return _hf_dir(source, split)
     raise CotsafeError(f"{source}: a directory that is neither a datasets save_to_disk dir nor a prepared "
                        f"tfds dataset, expected one of {_FORMATS}")
-  if not os.path.exists(source):
+  if not paths.exists(source):
     raise CotsafeError(f"{source}: no such file, expected one of {_FORMATS}")
   ext = os.path.splitext(source)[1].lower()
   readers = {".jsonl": _jsonl, ".json": _json, ".parquet": _parquet,

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from cotsafe_jax import kernels, models, parallel
+from cotsafe_jax import kernels, models, parallel, paths
 from cotsafe_jax.data import mixture as mixture_lib
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.models.tokenizer import THINK_CLOSE, THINK_OPEN
@@ -416,10 +416,7 @@ def _host_batch(examples: SFTExamples, rows: Sequence[Mapping[str, Any]]) -> dic
 
 def _write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
   if parallel.is_main_process():
-    tmp = os.path.join(workdir, "summary.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(summary, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, "summary.json"))
+    paths.write_text(paths.join(workdir, "summary.json"), json.dumps(summary, indent=2))
 
 
 def sft_train(*, workdir: str, data: Any, config: SFTConfig, model: models.ModelConfig | None = None,
@@ -485,7 +482,7 @@ def sft_train(*, workdir: str, data: Any, config: SFTConfig, model: models.Model
   shardings = state_shardings(cfg, optimizer, mesh)
   batch_shardings = _batch_shardings(mesh, (config.batch_size, config.max_len))
 
-  workdir = os.path.abspath(workdir)
+  workdir = paths.resolve(workdir)  # absolute when local; a gs:// URL as it is
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=save_interval_steps,
                       max_to_keep=max_to_keep, async_save=async_checkpoint)
   start = ckpt.latest_step() or 0

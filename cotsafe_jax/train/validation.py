@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Any, Mapping, Sequence
 
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from cotsafe_jax import parallel
+from cotsafe_jax import parallel, paths
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.eval import evaluate as evaluate_lib
 from cotsafe_jax.parallel import mesh as mesh_lib
@@ -72,13 +71,10 @@ class PolicyValidation:
       out.update(_scalars(f"val/{bench}/", {k: ms[k]["value"] for k in _BENCH_KEYS if k in ms}))
     out["time/validation_s"] = time.perf_counter() - start
     if parallel.is_main_process():
-      folder = os.path.join(self.workdir, "validation")
-      os.makedirs(folder, exist_ok=True)
-      evaluate_lib.write_samples(os.path.join(folder, f"step_{step}.jsonl"), res.samples)
-      tmp = os.path.join(folder, f"step_{step}.json.tmp")
-      with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"step": step, "report": res.report, "speed": res.speed}, f, indent=2, allow_nan=False)
-      os.replace(tmp, os.path.join(folder, f"step_{step}.json"))
+      folder = paths.join(self.workdir, "validation")
+      evaluate_lib.write_samples(paths.join(folder, f"step_{step}.jsonl"), res.samples)
+      paths.write_text(paths.join(folder, f"step_{step}.json"),
+                       json.dumps({"step": step, "report": res.report, "speed": res.speed}, indent=2, allow_nan=False))
     return out
 
 
