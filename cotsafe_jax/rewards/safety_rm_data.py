@@ -1,4 +1,4 @@
-"""Safety-span rows (DATA.md) -> fixed-shape token arrays for the safety RM: ids, token and sequence labels.
+"""Safety-span rows (docs/data.md) -> fixed-shape token arrays for the safety RM: ids, token and sequence labels.
 
 The prompt is rendered with the tokenizer's chat template when it has one, as the policy's prompts are, and a
 whole response ends with the stop token, as the policy's finished completions do.

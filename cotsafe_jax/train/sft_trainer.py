@@ -426,7 +426,7 @@ def sft_train(*, workdir: str, data: Any, config: SFTConfig, model: models.Model
               save_interval_steps: int = 500, max_to_keep: int | None = 2, async_checkpoint: bool = True,
               export_hf: bool = True, export_dtype: str | None = None,
               max_nonfinite_steps: int = 3, step_callback: Any = None) -> dict[str, Any]:
-  """Fine-tune a decoder on SFT rows (DATA.md: `messages`, or `prompt` + `response`); returns final metrics
+  """Fine-tune a decoder on SFT rows (docs/data.md: `messages`, or `prompt` + `response`); returns final metrics
   and paths.
 
   The model: `model` (a ModelConfig, random init from config.seed) or `hf_dir` (a local HF checkpoint);
