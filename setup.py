@@ -38,6 +38,7 @@ setup(
         "tensorboardX>=2.6,<3",
         "matplotlib>=3.8,<4",
         "math-verify>=0.9.0,<0.10",  # symbolic answer equivalence (brings latex2sympy2_extended, antlr4, sympy)
+        "wandb>=0.19,<1",  # optional Weights & Biases logging of the training jobs (off unless WandbConfig is bound)
         "etils[epath]>=1.7,<2",  # workdir and data paths: local, or gs:// with the gcs extra
     ],
     extras_require={

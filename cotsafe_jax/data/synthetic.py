@@ -343,7 +343,7 @@ def _over_refusal_trace(p: _Prompt, rng: random.Random) -> _Trace:
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticTask:
-  """Rows of the miniature task, in the DATA.md schemas (prompts, SFT prompt+response, safety spans)."""
+  """Rows of the miniature task, in the docs/data.md schemas (prompts, SFT prompt+response, safety spans)."""
   seed: int
   train_prompts: tuple[dict, ...]
   eval_prompts: tuple[dict, ...]  # text-disjoint from train_prompts

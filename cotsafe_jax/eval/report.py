@@ -209,7 +209,7 @@ def _check_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
                        "e.g. 'eval/accuracy'); expected per-step rows {'step': s, 'eval/accuracy': a, ...}")
 
 
-def _plot_curves(path: str, curves: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+def _plot_curves(path: str, curves: Mapping[str, Sequence[Mapping[str, Any]]], *, xlabel: str = "PPO step") -> None:
   from matplotlib.ticker import MaxNLocator
   fig, (ax_safe, ax_acc) = _figure(2)
   for name, rows in curves.items():
@@ -222,7 +222,7 @@ def _plot_curves(path: str, curves: Mapping[str, Sequence[Mapping[str, Any]]]) -
       ax = ax_acc if _metric_of(key, "accuracy") else ax_safe
       ax.plot(x, y, marker="o", markersize=3, label=f"{name}: {key}")
   for ax, what in ((ax_safe, "safety rate"), (ax_acc, "accuracy")):
-    ax.set(xlabel="PPO step", ylabel=what, ylim=(-0.02, 1.02), title=f"{what} over PPO steps")
+    ax.set(xlabel=xlabel, ylabel=what, ylim=(-0.02, 1.02), title=f"{what} over {xlabel}s")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if ax.lines:
       ax.legend(fontsize=7)
@@ -374,3 +374,98 @@ def write_report(workdir: str, summary: Mapping[str, Any], *,
     md += [f"## {caption}", "", f"![{caption}]({file})", ""]
   paths.write_text(paths.join(workdir, "report.md"), "\n".join(md))
   return table
+
+
+# ---- a training job's report -------------------------------------------------------------------------------
+def _read_metrics(path: str) -> list[dict[str, Any]]:
+  rows = []
+  if paths.exists(path):
+    with paths.open_file(path, encoding="utf-8") as f:
+      for line in f:
+        if line.strip():
+          try:
+            rows.append(json.loads(line))
+          except json.JSONDecodeError:  # a torn last line of a killed run
+            continue
+  return rows
+
+
+def _plot_training(path: str, rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[str]:
+  """One panel per key that has values (with its val/ twin on the same axes); returns the keys drawn."""
+  drawn = [k for k in keys if any(r.get(k) is not None or r.get(f"val/{k}") is not None for r in rows)]
+  if not drawn:
+    return []
+  ncols = min(3, len(drawn))
+  nrows = -(-len(drawn) // ncols)
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(5.0 * ncols, 3.4 * nrows), layout="constrained")
+  axes = np.asarray(fig.subplots(nrows, ncols, squeeze=False)).reshape(-1)
+  for ax, key in zip(axes, drawn):
+    for name in (key, f"val/{key}"):
+      pts = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
+      if pts:
+        x, y = zip(*pts)
+        ax.plot(x, y, marker="o" if name.startswith("val/") else None, markersize=3, label=name)
+    ax.set(xlabel="step", title=key)
+    ax.legend(fontsize=7)
+  for ax in axes[len(drawn):]:
+    ax.set_visible(False)
+  fig.savefig(path, dpi=100)
+  return drawn
+
+
+def write_training_report(workdir: str, *, job: str, curves: Sequence[str],
+                          final: Mapping[str, Any] | None = None, notes: Sequence[str] = (),
+                          title: str | None = None) -> str:
+  """report.md of a training job in `workdir`: its metrics over steps (metrics.jsonl: `curves` keys, each with
+  its val/ twin) in training_curves.png, the last logged value of each, `final` (e.g. held-out metrics) as a
+  table, and, when the job validated a policy (validation/step_N.json, written by train.validation), the last
+  validation's tables (the evaluation's, with its step) and validation_curves.png (safety and accuracy over
+  steps). summary.json is left alone (the job's own). Only the main process writes. Returns the markdown."""
+  rows = _read_metrics(paths.join(workdir, "metrics.jsonl"))
+  title = title or f"{job}: training report"
+  md = [f"# {title}", "", f"Workdir: `{workdir}`; {len(rows)} logged steps"
+        + (f", last step {rows[-1]['step']}" if rows else "") + ".", ""]
+  for line in notes:
+    md += [line, ""]
+  if not parallel.is_main_process():
+    return "\n".join(md)
+  paths.makedirs(workdir)
+  last = {}
+  for r in rows:
+    last.update({k: (r["step"], v) for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
+  shown = [k for k in curves if k in last] + sorted(k for k in last if k.startswith("val/") and "/" not in k[4:])
+  if shown:
+    md += ["## Last logged values", "", "| metric | step | value |", "| --- | ---: | ---: |"]
+    md += [f"| {k} | {last[k][0]} | {_cell(float(last[k][1]))} |" for k in shown]
+    md.append("")
+  if final:
+    md += ["## Final metrics", "", "| metric | value |", "| --- | ---: |"]
+    for k, v in final.items():
+      if isinstance(v, (int, float)) and not isinstance(v, bool):
+        md.append(f"| {k} | {_cell(v if isinstance(v, int) else float(v))} |")
+    md.append("")
+  plots = []
+  if _plot_training(paths.join(workdir, "training_curves.png"), rows, curves):
+    plots.append(("Training curves", "training_curves.png"))
+  val_dir = paths.join(workdir, "validation")
+  saved = sorted((int(f[5:-5]), f) for f in paths.listdir(val_dir) if f.startswith("step_") and f.endswith(".json")
+                 ) if paths.isdir(val_dir) else []
+  if saved:
+    step, name = saved[-1]
+    got = json.loads(paths.read_text(paths.join(val_dir, name)))
+    summary = check_summary(summary_of({f"step {step}": got["report"]}))
+    md += [f"## Validation at step {step}", "", format_table(summary), "", _LEGEND, ""]
+    bench = _group_table(_benchmark_rows(summary), "benchmark")
+    if bench:
+      md += [bench, ""]
+    curve_rows = [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("val/")}} for r in rows]
+    curve_rows = [r for r in curve_rows if len(r) > 1]
+    if any(r.get(f"val/{k}") is not None for r in curve_rows for k in CURVE_KEYS):
+      _plot_curves(paths.join(workdir, "validation_curves.png"), {"validation": curve_rows}, xlabel="training step")
+      plots.append(("Validation safety and accuracy over training", "validation_curves.png"))
+  for caption, file in plots:
+    md += [f"## {caption}", "", f"![{caption}]({file})", ""]
+  text = "\n".join(md)
+  paths.write_text(paths.join(workdir, "report.md"), text)
+  return text

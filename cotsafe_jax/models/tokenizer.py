@@ -1,6 +1,6 @@
 """Tokenizers from local dirs (offline), chat templates in thinking format, reasoning / answer split.
 
-Thinking format (DATA.md): `<think>\\n{reasoning}\\n</think>\\n\\n{answer}`.
+Thinking format (docs/data.md): `<think>\\n{reasoning}\\n</think>\\n\\n{answer}`.
 """
 from __future__ import annotations
 

@@ -66,13 +66,6 @@ def rm_loss(cfg: models.ModelConfig, params: dict, batch: dict[str, jax.Array], 
   return token_loss + seq_loss, {"loss": token_loss + seq_loss, "token_loss": token_loss, "seq_loss": seq_loss}
 
 
-def _batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-  """Rows of step `step`: a fresh permutation per epoch, so a resumed run sees the same batches."""
-  first, last = step * batch_size, (step + 1) * batch_size
-  perms = {e: np.random.default_rng([seed, e]).permutation(n) for e in range(first // n, (last - 1) // n + 1)}
-  return np.asarray([perms[i // n][i % n] for i in range(first, last)])
-
-
 def _put(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
   if mesh is None:
     return {k: jnp.asarray(v) for k, v in batch.items()}
@@ -101,7 +94,7 @@ def evaluate_rm(rm: SafetyRM, data: Encoded, *, batch_size: int, threshold: floa
   return out
 
 
-def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval_path: str, workdir: str,
+def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: Any, eval_path: Any, workdir: str,
                     steps: int, batch_size: int, learning_rate: float, max_len: int,
                     tokenizer_dir: str | None = None, pos_weight: float | None = None, seq_pool: str = "max",
                     seed: int = 0, warmup_steps: int | None = None, weight_decay: float = 0.0,
@@ -112,11 +105,12 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
   """Train the token-level safety RM; returns the held-out metrics and where the export went.
 
   backbone: an HF dir (loaded) or a ModelConfig (initialised with `seed`); tokenizer_dir defaults to the
-  backbone dir. Data: any format data.load_spans reads (`columns`: a field map or preset; on_bad_row: raise |
-  skip). Every whole response ends with the policy's stop token (stop_token_id, default the tokenizer's eos),
-  labelled safe: PPO scores it (safety_rm_data.encode_row says why). pos_weight None = n_negative / n_positive
-  over the training tokens. Resumes from the latest
-  checkpoint in workdir/checkpoints. Writes metrics.jsonl, TensorBoard events, summary.json, export/.
+  backbone dir. Data (train_path, eval_path): one file in any format data.load_spans reads (`columns`: a field
+  map or preset; on_bad_row: raise | skip), a list of data.Source (weights mix the training batches), or a
+  data.TrainingData. Every whole response ends with the policy's stop token (stop_token_id, default the
+  tokenizer's eos), labelled safe: PPO scores it (safety_rm_data.encode_row says why). pos_weight None =
+  n_negative / n_positive over the training tokens. Resumes from the latest checkpoint in workdir/checkpoints
+  (the batches are a function of the step). Writes metrics.jsonl, TensorBoard events, summary.json, export/.
   The state (params and AdamW moments) is born sharded on `mesh`; remat: the backbone's rematerialisation
   (models.REMAT_POLICIES). A step with a non-finite loss or gradients changes nothing (counted, its rows
   logged); max_nonfinite_steps of them in a row stop the job.
@@ -180,11 +174,11 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
   metrics: dict[str, Any] = {}
   guard = StepGuard(workdir, job="train_safety_rm", max_nonfinite_steps=max_nonfinite_steps)
   for step in range(start, steps):
-    rows = _batch_indices(len(train), batch_size, step, seed)
+    rows = train.batch(step, batch_size=batch_size, seed=seed)
     state, metrics = train_step(state, _put(train.take(rows), mesh))
     metrics = distributed.to_host(metrics)
     metrics.update(guard.observe(step + 1, finite=float(metrics["nonfinite"]) == 0.0, loss=float(metrics["loss"]),
-                                 row_ids=[f"{train_path} row {i + 1}" for i in rows]))
+                                 row_ids=[train.row_name(i) for i in rows]))
     if guard.must_stop:
       logger.write(step + 1, metrics)
       manager.wait_until_finished()

@@ -1,4 +1,5 @@
-"""Metric writers for a job's workdir: metrics.jsonl, TensorBoard events, tqdm progress, samples.
+"""Metric writers for a job's workdir: metrics.jsonl, TensorBoard events, tqdm progress, samples, and
+(optional) Weights & Biases.
 
 Only the main process writes; on resume, metrics.jsonl rows after the resumed step are dropped. The workdir
 may be a cloud URL (gs://...): files go through cotsafe_jax.paths.
@@ -6,10 +7,14 @@ may be a cloud URL (gs://...): files go through cotsafe_jax.paths.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import os
+import tempfile
 import time
-from typing import Any, Iterator, Mapping, Sequence
+import uuid
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -18,6 +23,9 @@ from tensorboardX import SummaryWriter
 
 from cotsafe_jax import paths
 from cotsafe_jax.errors import CotsafeError
+
+# more destinations of every logged row: (step, row) -> None, called by the main process's MetricLogger.write
+_SINKS: list[Callable[[int, Mapping[str, float]], None]] = []
 
 
 def _to_float(name: str, value: Any) -> float:
@@ -137,6 +145,8 @@ class MetricLogger:
       self._bar.update(max(0, int(step) - self._bar.n))
       if self._postfix_keys:
         self._bar.set_postfix({k: f"{row[k]:.4g}" for k in self._postfix_keys if k in row})
+      for sink in _SINKS:
+        sink(int(step), row)
     return row
 
   def write_samples(self, step: int, rows: Sequence[Mapping[str, Any]]) -> str | None:
@@ -161,3 +171,57 @@ class MetricLogger:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+# ---- Weights & Biases ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WandbConfig:
+  """Log a job's metrics (every row MetricLogger writes: training and val/ metrics) to Weights & Biases.
+
+  mode: "online", "offline" (a local run dir under <workdir>/wandb, synced later with `wandb sync`; needs no
+  network) or "disabled"; None: the WANDB_MODE environment variable, else online. name: the run's name
+  (default: the workdir's basename). The run id is kept in <workdir>/wandb_run_id, so a resumed job continues
+  the same run. Needs the wandb package (pip install 'cotsafe_jax[wandb]').
+  """
+  project: str = "cotsafe_jax"
+  entity: str | None = None
+  name: str | None = None
+  mode: str | None = None
+  tags: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if self.mode not in (None, "online", "offline", "disabled"):
+      raise CotsafeError(f"WandbConfig.mode={self.mode!r}, expected 'online', 'offline', 'disabled' or None")
+
+
+@contextlib.contextmanager
+def wandb_run(config: WandbConfig | None, *, workdir: str, job: str,
+              run_config: Mapping[str, Any] | None = None) -> Iterator[Any]:
+  """While open, every MetricLogger row of this process (the main one only) also goes to a W&B run in
+  `workdir` (see WandbConfig); a no-op when config is None."""
+  if config is None or jax.process_index() != 0:
+    yield None
+    return
+  try:
+    import wandb
+  except ImportError:
+    raise CotsafeError("W&B logging is on (WandbConfig) but the wandb package is not installed, expected "
+                       "pip install wandb (or 'cotsafe_jax[wandb]')") from None
+  id_path = paths.join(workdir, "wandb_run_id")  # the run resumes under its id when the job does
+  run_id = paths.read_text(id_path).strip() if paths.exists(id_path) else uuid.uuid4().hex[:8]
+  paths.write_text(id_path, run_id + "\n")
+  # wandb keeps its own files on a local disk: the workdir itself, or a temp dir when it is a cloud URL
+  local = paths.resolve(workdir) if paths.is_local(workdir) else tempfile.mkdtemp(prefix="cotsafe_wandb_")
+  run = wandb.init(project=config.project, entity=config.entity, name=config.name or os.path.basename(
+      paths.resolve(workdir).rstrip("/")), dir=local, mode=config.mode, id=run_id, resume="allow", job_type=job,
+      tags=list(config.tags), config=dict(run_config or {}))
+
+  def sink(step: int, row: Mapping[str, float]) -> None:
+    run.log(dict(row), step=step)
+
+  _SINKS.append(sink)
+  try:
+    yield run
+  finally:
+    _SINKS.remove(sink)
+    run.finish()

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cotsafe_jax import models, parallel, rollout as rollout_lib
-from cotsafe_jax.data import pipeline as pipeline_lib, sources
+from cotsafe_jax.data import mixture as mixture_lib
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.rewards.base import RewardBatch, RewardFn
 from cotsafe_jax.rl import controllers, ppo as ppo_lib
@@ -188,7 +188,7 @@ def _host(x) -> np.ndarray:
   return parallel.to_host(x)  # all-gathered when the array's shards live on several processes
 
 
-def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, ppo: ppo_lib.PPOConfig,
+def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: Any, ppo: ppo_lib.PPOConfig,
           rollout: RolloutConfig, optim: OptimConfig, num_steps: int, prompts_per_step: int,
           critic_optim: OptimConfig | None = None, critic_hf_dir: str | None = None,
           mixture: Mapping[str, float] | None = None, prompt_columns: Any = None, on_bad_row: str = "raise",
@@ -215,11 +215,13 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
   eos = stop_ids(tok, cfg)
   rows_per_step = check_batch_sizes(prompts_per_step=prompts_per_step, samples_per_prompt=rollout.samples_per_prompt,
                                     ppo=ppo, mesh=mesh)
-  loaded = sources.load_prompts(prompts, columns=prompt_columns, on_bad_row=on_bad_row)
+  # prompts: one file, a list of data.Source (mixed by weight), or a data.TrainingData (e.g. decontaminated)
+  loaded = mixture_lib.training_data(prompts, schema="prompts", columns=prompt_columns, on_bad_row=on_bad_row,
+                                     seed=seed, job="ppo_train")
   # every process holds the whole batch of prompts (and so computes the rewards of the global batch) and places
   # its own devices' rows of it (parallel.global_array)
-  data_it = pipeline_lib.make_pipeline(loaded.rows, batch_size=prompts_per_step, seed=seed, mixture=mixture,
-                                       process_index=0, process_count=1)
+  data_it = loaded.make_pipeline(batch_size=prompts_per_step, seed=seed, mixture=mixture, process_index=0,
+                                 process_count=1)
 
   critic_cfg = backbone = None
   if ppo.uses_critic:

@@ -210,19 +210,27 @@ def test_shipped_recipes_are_valid_on_8_32_and_64_devices():
   from cotsafe_jax import jobs  # noqa: F401  (registers the configurables)
   from cotsafe_jax.train import sft_trainer
   recipes = ["gin/experiments/r1_distill_qwen_1_5b_safety_ppo.gin", "gin/experiments/r1_distill_qwen_1_5b_safety_grpo.gin",
-             "gin/experiments/r1_distill_qwen_7b_safety_ppo.gin"]
-  for path in recipes + ["gin/base/sft.gin"]:
+             "gin/experiments/r1_distill_qwen_7b_safety_ppo.gin",
+             "gin/experiments/r1_distill_qwen_1_5b_safety_ppo_guard.gin"]
+  sft_recipes = ["gin/base/sft.gin", "gin/experiments/r1_distill_qwen_1_5b_star1_sft.gin"]
+  for path in recipes + sft_recipes + ["gin/experiments/safety_rm_beavertails_qwen2_5_0_5b.gin"]:
     gin.clear_config()
     gin.add_config_file_search_path(ROOT)
     try:
-      gin.parse_config_files_and_bindings([os.path.join(ROOT, path)], ["SFTConfig.num_steps = 1"],
+      gin.parse_config_files_and_bindings([os.path.join(ROOT, path)],
+                                          ["SFTConfig.num_steps = 1"] if path == "gin/base/sft.gin" else [],
                                           finalize_config=False)
       for devices in (8, 32, 64):
         mesh = type("Mesh", (), {"shape": {"data": 1, "fsdp": devices, "tensor": 1}})()
-        if path.endswith("sft.gin"):
+        if path in sft_recipes:
           sft = gin.get_configurable("SFTConfig")().for_mesh(devices)
           sft_trainer.check_batch_size(sft, mesh)
           continue
+        if "safety_rm" in path:
+          assert gin.query_parameter("train_safety_rm.batch_size") % devices == 0, (path, devices)
+          continue
+        if path.endswith("_guard.gin"):  # validation batches divide over the devices too
+          assert gin.get_configurable("val/EvalConfig")().batch_size % devices == 0, (path, devices)
         rows = gin.query_parameter("%PROMPTS_PER_STEP") * gin.get_configurable("RolloutConfig")().samples_per_prompt
         ppo = gin.get_configurable("PPOConfig")().for_mesh(rows=rows, shards=devices)
         ppo_programs.check_batch_sizes(rows=rows, ppo=ppo, mesh=mesh)
