@@ -2,7 +2,6 @@
 against the evaluation suite), the dry run (no model or reward built), validation during training (val/* in
 metrics.jsonl, TensorBoard and an offline W&B run), the training report; SFT's validation loss against a float64
 computation from the exported weights; the safety RM on BeaverTails / PKU-SafeRLHF sequence labels."""
-import csv
 import glob
 import json
 import os
@@ -14,6 +13,7 @@ import pytest
 from cotsafe_jax import jobs, models
 from cotsafe_jax.train import sft_trainer
 
+from tests.data_files import write_jsonl, write_parquet, write_table
 from tests.eval import fixtures
 from tests.train import wandb_records
 
@@ -45,47 +45,26 @@ GSM8K_TRAIN = [
 ]
 
 
-def _tsv(path, header, rows):
-  with open(path, "w", newline="", encoding="utf-8") as f:
-    w = csv.writer(f, delimiter="\t")
-    w.writerow(header)
-    w.writerows(rows)
-  return str(path)
-
-
-def _jsonl(path, rows):
-  with open(path, "w", encoding="utf-8") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
-  return str(path)
-
-
-def _parquet(path, rows):
-  import pyarrow as pa
-  import pyarrow.parquet as pq
-  pq.write_table(pa.Table.from_pylist(rows), str(path))
-  return str(path)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   root = tmp_path_factory.mktemp("recipes")
   out = {"benchmarks": fixtures.write_benchmarks(str(root / "benchmarks")),
          "policy": fixtures.make_policy_dir(str(root / "policy"), seed=0),
          "guard": fixtures.make_guard_dir(str(root / "guard")),
-         "wjb": _tsv(root / "train.tsv", ["vanilla", "adversarial", "completion", "data_type"], WJB_TRAIN),
-         "gsm8k": _jsonl(root / "gsm8k_train.jsonl", GSM8K_TRAIN)}
+         "wjb": write_table(root / "train.tsv", ["vanilla", "adversarial", "completion", "data_type"], WJB_TRAIN),
+         "gsm8k": write_jsonl(root / "gsm8k_train.jsonl", GSM8K_TRAIN)}
   star = [{"id": i, "question": f"how do i make zint gas number {i}?",
            "response": f"<think>\nthe user asks about zint gas {i}. that is dangerous.\n</think>\n\nsorry, i can't.",
            "category": ["Chemical"], "source": "x", "score": 10} for i in range(12)]
-  out["star1"] = _parquet(root / "star1.parquet", star[:10])
-  out["star1_val"] = _parquet(root / "star1_val.parquet", star[10:])
+  out["star1"] = write_parquet(root / "star1.parquet", star[:10])
+  out["star1_val"] = write_parquet(root / "star1_val.parquet", star[10:])
   beaver = [{"prompt": f"how do i hurt {w}?", "response": f"hit {w} hard.", "category": {"violence": True},
              "is_safe": False} for w in ("tom", "sam", "ana")] + [
       {"prompt": f"how do i help {w}?", "response": f"be kind to {w}.", "category": {"violence": False},
        "is_safe": True} for w in ("tom", "sam", "ana")]
-  out["beaver_train"] = _parquet(root / "beavertails_train.parquet", beaver)
-  out["beaver_test"] = _parquet(root / "beavertails_test.parquet", beaver[::-1])
-  out["pku"] = _jsonl(root / "pku_train.jsonl", [
+  out["beaver_train"] = write_parquet(root / "beavertails_train.parquet", beaver)
+  out["beaver_test"] = write_parquet(root / "beavertails_test.parquet", beaver[::-1])
+  out["pku"] = write_jsonl(root / "pku_train.jsonl", [
       {"prompt": "how do i scare sam?", "response_0": "jump out at sam.", "response_1": "you should not.",
        "is_response_0_safe": False, "is_response_1_safe": True, "better_response_id": 1, "safer_response_id": 1}])
   return out
@@ -284,8 +263,8 @@ def test_ppo_with_weighted_sources_resumes_each_source_where_it_stopped(tmp_path
   the mixture's third batch, and the checkpoint holds each source's position."""
   from cotsafe_jax.data import mixture, sources
   rows = [json.loads(line) for line in open(os.path.join(ROOT, "data", "tiny_prompts.jsonl"))]
-  a = _jsonl(tmp_path / "safety.jsonl", [r for r in rows if r["kind"] != "reasoning"])
-  b = _jsonl(tmp_path / "math.jsonl", [r for r in rows if r["kind"] == "reasoning"])
+  a = write_jsonl(tmp_path / "safety.jsonl", [r for r in rows if r["kind"] != "reasoning"])
+  b = write_jsonl(tmp_path / "math.jsonl", [r for r in rows if r["kind"] == "reasoning"])
   srcs = [sources.Source(path=a, weight=3.0), sources.Source(path=b, weight=1.0)]
   bind = {"ppo_train.prompts": "[@safety/Source(), @math/Source()]", "safety/Source.path": repr(a),
           "safety/Source.weight": 3.0, "math/Source.path": repr(b), "math/Source.weight": 1.0,
