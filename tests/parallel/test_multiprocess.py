@@ -76,7 +76,7 @@ def test_ppo_two_processes_match_one(ppo_runs):
   _assert_params_close(os.path.join(one["dir"], "hf"), os.path.join(two["dir"], "hf"))
 
 
-@pytest.mark.slow  # about 2 minutes on 2 cores (two more 2-process PPO runs): the heaviest of this file
+# about 2 minutes on 2 cores (two more 2-process PPO runs), the heaviest test of this file
 def test_sigterm_to_one_process_stops_both_and_rerun_resumes(ppo_runs, tmp_path):
   workdir = tmp_path / "stopped"
   args = PPO + [f"--workdir={workdir}"]

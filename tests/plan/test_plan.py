@@ -236,3 +236,23 @@ def test_shipped_recipes_are_valid_on_8_32_and_64_devices():
         ppo_programs.check_batch_sizes(rows=rows, ppo=ppo, mesh=mesh)
     finally:
       gin.clear_config()
+
+
+@pytest.mark.slow  # minutes (GPU targets) to half an hour (7B on v5p-64) of compiling each on 2 cores
+@pytest.mark.parametrize("name", PLAN_GINS)
+def test_each_shipped_plan_fits_at_full_size(name, tmp_path):
+  """The shipped plan as a user runs it (benchmarks/plans.py commits the same runs): every program compiled for
+  the real target at the real shapes fits with the reserve kept free, and the plan's peaks add up."""
+  cmd = [sys.executable, os.path.join(ROOT, "launch", "tpu_run.py"), f"--gin_file=gin/plan/{name}",
+         f"--workdir={tmp_path}"]
+  res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert res.returncode == 0, res.stderr[-2000:]
+  saved = json.loads((tmp_path / "plan.json").read_text())
+  assert saved["fits"] and set(saved["programs"]) == set(planner.ALL_PROGRAMS)
+  assert saved["reserve_fraction"] == 0.1
+  assert saved["usable_bytes_per_device"] == pytest.approx(0.9 * saved["hbm_bytes_per_device"], abs=1)
+  for prog, p in saved["programs"].items():
+    assert p["fits"] and p["peak_bytes"] <= saved["usable_bytes_per_device"], prog
+    assert p["peak_bytes"] == (p["resident_outside_bytes"] + p["argument_bytes"] + p["output_bytes"]
+                               - p["alias_bytes"] + p["temp_bytes"]), prog
