@@ -432,9 +432,9 @@ def sft_train(*, workdir: str, data: Any, config: SFTConfig, model: models.Model
   The model: `model` (a ModelConfig, random init from config.seed) or `hf_dir` (a local HF checkpoint);
   `init_from` (an HF dir, e.g. an earlier stage's export) supplies the starting weights instead, and the
   architecture too when neither is set. The tokenizer comes from tokenizer_dir, else hf_dir, else init_from.
-  mesh: default all devices data-parallel. Resumes from the newest checkpoint in workdir/checkpoints with the
-  same batches; SIGTERM / SIGINT finish the step, save and return (stopped_early=True). At the end the params
-  are saved as an HF dir in workdir/hf (export_dtype: default float32) with the tokenizer.
+  mesh: default make_mesh() (every device on fsdp). Resumes from the newest checkpoint in workdir/checkpoints
+  with the same batches; SIGTERM / SIGINT finish the step, save and return (stopped_early=True). At the end the
+  params are saved as an HF dir in workdir/hf (export_dtype: default float32) with the tokenizer.
   data: one file or dataset dir (columns / split / data_dir apply to it), a list of data.Source (mixed by
   weight), or a data.TrainingData. step_callback(step, cfg, params, tokenizer) -> dict of extra metrics (e.g.
   validation), called after each step; a step it returns metrics for is logged.
