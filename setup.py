@@ -38,13 +38,19 @@ setup(
         "tensorboardX>=2.6,<3",
         "matplotlib>=3.8,<4",
         "math-verify>=0.9.0,<0.10",  # symbolic answer equivalence (brings latex2sympy2_extended, antlr4, sympy)
+        "wandb>=0.19,<1",  # optional Weights & Biases logging of the training jobs (off unless WandbConfig is bound)
+        "etils[epath]>=1.7,<2",  # workdir and data paths: local, or gs:// with the gcs extra
     ],
     extras_require={
         # the accelerators' compilers, for the `plan` job on any host (TPU: libtpu; NVIDIA: the CUDA plugin + ptxas)
         "plan": _PLAN,
         "test": ["pytest>=8,<10", "torch==2.13.0", "gguf>=0.10,<1", "accelerate>=1.0,<2",
-                 f"cotsafe-jax-smollm2-gguf @ {_SMOLLM2_GGUF}"] + _PLAN,
-        "tpu": ["jax[tpu]"],
+                 f"cotsafe-jax-smollm2-gguf @ {_SMOLLM2_GGUF}",
+                 # the Colab notebook, executed top to bottom on CPU in the tests
+                 "nbclient>=0.10,<0.11", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"] + _PLAN,
+        # gs:// workdirs and data: epath through gcsfs; orbax's checkpoints on GCS also use google-cloud-storage
+        "gcs": ["etils[epath-gcs]>=1.7,<2", "google-cloud-storage>=2.14,<4"],
+        "tpu": ["jax[tpu]", "etils[epath-gcs]>=1.7,<2", "google-cloud-storage>=2.14,<4"],
         "gpu": ["jax[cuda13]"],
     },
 )

@@ -51,17 +51,21 @@ _CHILD = textwrap.dedent('''
     if before:
       params = jax.tree.map(lambda s, sh: sds(s.shape, s.dtype, sh), models.param_shapes(cfg),
                             models.param_shardings(cfg, mesh))
-      init = jax.jit(tx.init).lower(params).compile()  # what the old trainer ran: its outputs' shardings
-      opt = jax.tree.map(lambda s, sh: sds(s.shape, s.dtype, sh), jax.eval_shape(tx.init, params),
+      rep = parallel.replicated(mesh)
+      # what the old trainer ran: its outputs' shardings; an output that depends on no input (AdamW's count)
+      # comes back on the host's default device here and on chip 0 on a TPU, where the old trainer then
+      # replicated the state: replicated over the mesh
+      on_mesh = lambda sh: sh if set(sh.device_set) == set(mesh.devices.flat) else rep
+      init = jax.jit(tx.init).lower(params).compile()
+      opt = jax.tree.map(lambda s, sh: sds(s.shape, s.dtype, on_mesh(sh)), jax.eval_shape(tx.init, params),
                          init.output_shardings)
       head = jax.eval_shape(lambda r: ppo_lib.heads.init_head(ppo_lib.heads.ValueHead(), r, embed_dim=cfg.hidden_size),
                             jax.random.key(0))
       head_sh = ppo_lib.heads.head_shardings(ppo_lib.heads.ValueHead(), embed_dim=cfg.hidden_size, mesh=mesh)
       critic = {"backbone": params, "head": jax.tree.map(lambda s, sh: sds(s.shape, s.dtype, sh), head, head_sh)}
       cinit = jax.jit(tx.init).lower(critic).compile()
-      copt = jax.tree.map(lambda s, sh: sds(s.shape, s.dtype, sh), jax.eval_shape(tx.init, critic),
+      copt = jax.tree.map(lambda s, sh: sds(s.shape, s.dtype, on_mesh(sh)), jax.eval_shape(tx.init, critic),
                           cinit.output_shardings)
-      rep = parallel.replicated(mesh)
       state = TrainState(step=sds((), jnp.int32, rep), policy=params, policy_opt=opt, critic=critic, critic_opt=copt,
                          rng=sds((2,), jnp.uint32, rep), kl=None, lagrangian=None)
       bt = parallel.batch_sharding(mesh, 2)
@@ -110,15 +114,22 @@ def main() -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--before", default="49e6eea", help="the commit before the state plan")
   ap.add_argument("--cases", nargs="*", default=list(CASES))
+  ap.add_argument("--sides", nargs="*", default=["before", "after"],
+                  help="measure only these (the others are kept from an existing state_plan.json)")
   args = ap.parse_args()
   tmp = tempfile.mkdtemp(prefix="state_plan_before_")
   subprocess.run(["git", "worktree", "add", "--detach", tmp, args.before], cwd=ROOT, check=True, capture_output=True)
+  out_path = os.path.join(ROOT, "benchmarks", "state_plan.json")
   results = {}
+  if os.path.exists(out_path):
+    with open(out_path) as f:
+      results = json.load(f)["results"]
   try:
     for case in args.cases:
       target, model = CASES[case]
-      results[case] = {side: measure(side, tree, target, model)
-                       for side, tree in (("before", tmp), ("after", ROOT))}
+      results.setdefault(case, {}).update({side: measure(side, tree, target, model)
+                                           for side, tree in (("before", tmp), ("after", ROOT))
+                                           if side in args.sides})
       print(case, json.dumps(results[case]), flush=True)
   finally:
     subprocess.run(["git", "worktree", "remove", "--force", tmp], cwd=ROOT, capture_output=True)
@@ -129,7 +140,7 @@ def main() -> int:
       g = lambda k: "-" if r.get(k) is None else f"{r[k] / GIB:.1f}"  # noqa: E731
       print(f"| {case} | {side} | {g('argument_bytes')} | {g('temp_bytes')} | {g('peak_bytes')} | "
             f"{r.get('error') or 'compiled'} |")
-  with open(os.path.join(ROOT, "benchmarks", "state_plan.json"), "w") as f:
+  with open(out_path, "w") as f:
     json.dump({"before_commit": args.before, "results": results}, f, indent=2)
   return 0
 

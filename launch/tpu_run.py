@@ -1,7 +1,12 @@
 """Launch a cotsafe_jax job from gin: the same command on a CPU, a Colab TPU, or every worker of a TPU pod.
 
   python launch/tpu_run.py --gin_file=gin/demo_cpu.gin [--gin_file=...] [--gin_param="x.y=1"] \
-      [--workdir=/tmp/w] [--debug]
+      [--workdir=/tmp/w | --workdir=gs://bucket/run] [--debug]
+
+Several processes: on a multi-host Cloud TPU slice (or under SLURM / Open MPI) jax.distributed starts with no
+flags; elsewhere (GPU clusters, CPU processes) give every process
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=I   (HOST:PORT: where process 0 listens)
+Every process prints its index and the global device count first ("tpu_run: process I of N: ...").
 """
 from __future__ import annotations
 
@@ -26,9 +31,10 @@ def _parse_args(argv):
   p.add_argument("--gin_param", action="append", default=[], help="gin binding (repeatable)")
   p.add_argument("--workdir", default=None, help="where the job writes (overrides run.workdir)")
   p.add_argument("--debug", action="store_true", help="show tracebacks")
-  p.add_argument("--coordinator_address", default=None, help="multi-process: host:port of process 0")
-  p.add_argument("--num_processes", type=int, default=None)
-  p.add_argument("--process_id", type=int, default=None)
+  p.add_argument("--coordinator_address", default=None,
+                 help="multi-process (not needed on TPU pods): host:port where process 0 listens")
+  p.add_argument("--num_processes", type=int, default=None, help="multi-process: how many processes")
+  p.add_argument("--process_id", type=int, default=None, help="multi-process: this process's index, 0..N-1")
   return p.parse_args(argv)
 
 
@@ -65,8 +71,9 @@ def main(argv=None) -> int:
   try:
     from cotsafe_jax.errors import CotsafeError
     from cotsafe_jax.parallel import distributed
-    distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-                           process_id=args.process_id)
+    why = distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                                 process_id=args.process_id)
+    print(f"tpu_run: {distributed.describe()}" + (f" (jax.distributed: {why})" if why else ""), flush=True)
     import gin
     from cotsafe_jax import jobs
     gin_files = []
@@ -95,6 +102,12 @@ def main(argv=None) -> int:
     workdir = args.workdir or (gin.query_parameter("run.workdir") if _has_binding("run.workdir") else None)
     if workdir:
       _make_workdir(workdir)
+      import jax
+      from cotsafe_jax import paths
+      if jax.process_count() > 1 and paths.is_local(workdir) and jax.process_index() == 0:
+        print(f"tpu_run: note: workdir {workdir} is a local path: every process must see the same directory "
+              "there (one machine, NFS, a GCS fuse mount), or checkpoints are split over disks; gs:// is safe",
+              flush=True)
       _write_config(workdir, gin.config_str())
     try:
       jobs.run(**kwargs)
@@ -117,8 +130,19 @@ def main(argv=None) -> int:
 
 
 def _make_workdir(workdir: str) -> None:
-  """Create the workdir (and parents) and check it takes files; errors name what is in the way."""
+  """Create the workdir (and parents) and check it takes files; errors name what is in the way. A gs:// (or
+  other cloud) URL is created through epath; only process 0 writes there."""
+  from cotsafe_jax import paths
   from cotsafe_jax.errors import CotsafeError
+  if not paths.is_local(workdir):
+    import jax
+    if jax.process_index() == 0:
+      try:
+        paths.makedirs(workdir)
+      except (OSError, ImportError, NotImplementedError) as e:
+        raise CotsafeError(f"workdir {workdir}: cannot create it ({type(e).__name__}: {str(e).splitlines()[0]}), "
+                           "expected a bucket this process can write (gs:// needs gcsfs and credentials)") from None
+    return
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     raise CotsafeError(f"workdir {workdir}: a file is in the way, expected a directory (or a path to create one)")
@@ -176,9 +200,9 @@ def _has_binding(name: str) -> bool:
 
 def _write_config(workdir: str, text: str) -> None:
   import jax
+  from cotsafe_jax import paths
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.gin"), "w") as f:
-      f.write(text)
+    paths.write_text(paths.join(workdir, "config.gin"), text)
 
 
 if __name__ == "__main__":

@@ -279,12 +279,13 @@ def _gin_no_job(a, d):
 # ---- meshes -----------------------------------------------------------------------------------------------------
 def _mesh_not_dividing(a, d):
   return (["--gin_file=gin/model_info_tiny.gin", "--gin_param=model_info.mesh=@make_mesh()",
-           "--gin_param=make_mesh.data=3"], "make_mesh: data=3 x fsdp=1 x tensor=1 does not divide the 8 devices")
+           "--gin_param=make_mesh.data=3"], "make_mesh: data=3 x fsdp=-1 x tensor=1 does not divide the 8 devices")
 
 
 def _mesh_batch_not_dividing(a, d):
   return (_sft(a.sft, "--gin_param=SFTConfig.batch_size=3"),
-          "sft_train: batch_size / num_microbatches = 3 / 1 is not a multiple of the mesh's data x fsdp = 8")
+          "SFTConfig.microbatch_rows_per_device=1: batch_size=3 does not split into micro-batches of 1 row(s) on "
+          "each of 8 data x fsdp devices")
 
 
 # ---- workdirs ---------------------------------------------------------------------------------------------------

@@ -18,13 +18,21 @@ POLICIES = ["base", "sft", "rft", "ppo", "ppo_seq"]
 REQUIRED = ("safety_rate_cot", "safety_rate_answer", "accuracy", "over_refusal", "reflection_rate", "entropy_cot")
 
 
+def _launch(workdir, *params, check=True):
+  # one CPU device, as on a laptop
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "tpu_run.py"), "--gin_file=gin/study_ci.gin",
+                      f"--workdir={workdir}", *[f"--gin_param={p}" for p in params]], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=900)
+  if check:
+    assert r.returncode == 0, r.stderr[-4000:]
+  return r
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("study_ci"))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "tpu_run.py"), "--gin_file=gin/study_ci.gin",
-                      f"--workdir={workdir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert r.returncode == 0, r.stderr[-4000:]
+  r = _launch(workdir)
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
   return {"dir": workdir, "stdout": r.stdout, "summary": summary}
@@ -123,3 +131,16 @@ def test_tuning_on_seed_0_validation_and_the_report(run):
   m = s["policies"]["ppo"]["metrics"]["safety_rate_cot"]
   assert row.split("|")[2].strip() == f"{m['value']:.2f} [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}]"
   assert "| n (prompts) | 24 |" in md and "Paired differences" in md
+
+
+def test_rerun_resumes_and_another_config_is_refused(run):
+  stage = os.path.join(run["dir"], "seed_1", "stages", "arm_ppo.json")
+  before = os.path.getmtime(stage)
+  r = _launch(run["dir"])
+  with open(os.path.join(run["dir"], "summary.json")) as f:
+    again = json.load(f)
+  assert os.path.getmtime(stage) == before and again["policies"] == run["summary"]["policies"]
+  r = _launch(run["dir"], "PPOArms.token_weight=0.5", check=False)
+  assert r.returncode == 2
+  assert re.search(r"cotsafe_jax: .*study_config.json: this workdir holds a run of another configuration \(differs "
+                   r"in ppo\)", r.stderr), r.stderr[-2000:]

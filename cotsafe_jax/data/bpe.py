@@ -5,10 +5,10 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Iterable
 
+from cotsafe_jax import paths
 from cotsafe_jax.errors import CotsafeError
 
 SPECIAL_TOKENS = ("<pad>", "<|user|>", "<|assistant|>", "<|end|>", "<think>", "</think>")
@@ -48,9 +48,7 @@ def train_tokenizer(*, texts: Iterable[str], out_dir: str, vocab_size: int = 576
   spec = json.loads(tok.to_str())
   for added in spec["added_tokens"]:
     added["special"] = added["content"] not in _NON_SPECIAL
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8", newline="\n") as f:
-    f.write(json.dumps(spec, ensure_ascii=False, indent=2) + "\n")
+  paths.write_text(paths.join(out_dir, "tokenizer.json"), json.dumps(spec, ensure_ascii=False, indent=2) + "\n")
   # written by hand (not save_pretrained) so the files are byte-stable and load in transformers 4 and 5
   fields = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
   config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|end|>",
@@ -58,6 +56,6 @@ def train_tokenizer(*, texts: Iterable[str], out_dir: str, vocab_size: int = 576
             "added_tokens_decoder": {str(a["id"]): {k: a[k] for k in fields} for a in spec["added_tokens"]},
             "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False, "model_max_length": 256,
             "padding_side": "left"}
-  with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8", newline="\n") as f:
-    f.write(json.dumps(config, ensure_ascii=False, indent=2) + "\n")
+  paths.write_text(paths.join(out_dir, "tokenizer_config.json"),
+                   json.dumps(config, ensure_ascii=False, indent=2) + "\n")
   return out_dir

@@ -1,4 +1,5 @@
-"""Local prompt / SFT / safety-span rows from jsonl, json, csv, tsv, parquet, `datasets` dirs and tfds.
+"""Prompt / SFT / safety-span rows from jsonl, json, csv, tsv, parquet, `datasets` dirs and tfds (local paths or
+gs:// URLs, read through cotsafe_jax.paths).
 
 A `columns` map (or a named preset for a public set) renames source fields to ours; every row is validated.
 A list of `Source`s (an evaluation suite or a training mixture) loads into one list of rows tagged by source.
@@ -8,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
@@ -17,6 +19,8 @@ import re
 import sys
 from typing import Any, Iterator, Mapping, Sequence
 
+from cotsafe_jax.data.presets import PRESETS, BadRow as _BadRow, ColumnPreset
+from cotsafe_jax import paths
 from cotsafe_jax.errors import CotsafeError
 
 KINDS = ("harmful", "benign", "reasoning")
@@ -30,42 +34,6 @@ _WS = re.compile(r"\s*")
 
 
 @dataclasses.dataclass(frozen=True)
-class ColumnPreset:
-  """How a published set's fields become ours."""
-  columns: Mapping[str, str]              # source field -> our field
-  schema: str = "prompts"
-  kind: str | None = None                 # kind of rows that carry no kind of their own
-  kind_from: str | None = None            # source field whose value gives the kind through kind_values
-  kind_values: Mapping[str, str] | None = None
-  answer_after: str | None = None         # the reference answer is the text after this marker
-  choices: tuple[str, ...] | None = None  # multiple choice: the option fields, the correct one first
-
-
-PRESETS: dict[str, ColumnPreset] = {
-    "strongreject": ColumnPreset({"forbidden_prompt": "prompt", "category": "category"}, kind="harmful"),
-    "jailbreakbench": ColumnPreset({"Goal": "prompt", "Category": "category", "Index": "id"}, kind="harmful"),
-    "wildjailbreak": ColumnPreset(
-        {"adversarial": "prompt"}, kind="harmful", kind_from="data_type",
-        kind_values={"adversarial_harmful": "harmful", "adversarial_benign": "benign",
-                     "vanilla_harmful": "harmful", "vanilla_benign": "benign"}),
-    "xstest": ColumnPreset({"prompt": "prompt", "type": "category", "id": "id"}, kind_from="label",
-                           kind_values={"safe": "benign", "unsafe": "harmful"}),
-    "gsm8k": ColumnPreset({"question": "prompt", "answer": "answer"}, kind="reasoning", answer_after="####"),
-    "math500": ColumnPreset({"problem": "prompt", "answer": "answer", "subject": "category", "unique_id": "id"},
-                            kind="reasoning"),
-    # AI-MO's aimo-validation-aime spells its fields in lower case, the AIME 2024 / 2025 sets capitalised
-    "aime": ColumnPreset({"problem": "prompt", "answer": "answer", "id": "id", "Problem": "prompt",
-                          "Answer": "answer", "ID": "id"}, kind="reasoning"),
-    # GPQA's csv: the options are shuffled per question (seeded by its text), the answer is their letter
-    "gpqa": ColumnPreset({"Question": "prompt", "Record ID": "id", "High-level domain": "category"},
-                         kind="reasoning", choices=("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
-                                                    "Incorrect Answer 3")),
-    "star1": ColumnPreset({"question": "prompt", "response": "response", "category": "category", "id": "id"},
-                          schema="sft"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
 class Rows:
   """Validated rows of one source, with how many bad rows were skipped (on_bad_row='skip')."""
   rows: list[dict[str, Any]]
@@ -74,14 +42,9 @@ class Rows:
   skipped: tuple[str, ...] = ()  # the first few reasons, for the log
 
 
-class _BadRow(Exception):
-  def __init__(self, what: str, expected: str):
-    super().__init__(f"{what}, expected {expected}")
-
-
 # ---- readers: yield (line, raw row or _BadRow) ---------------------------------------------------------
 def _jsonl(path: str) -> Iterator[tuple[int, Any]]:
-  with open(path, "rb") as f:  # decoded line by line: a bad byte is that line's error, not the file's
+  with paths.open_file(path, "rb") as f:  # decoded line by line: a bad byte is that line's error, not the file's
     for line_no, raw in enumerate(f, 1):
       try:
         line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
@@ -98,8 +61,7 @@ def _jsonl(path: str) -> Iterator[tuple[int, Any]]:
 
 
 def _json(path: str) -> Iterator[tuple[int, Any]]:
-  with open(path, encoding="utf-8-sig") as f:
-    text = f.read()
+  text = paths.read_bytes(path).decode("utf-8-sig")
   pos = _WS.match(text).end()
   if not text.startswith("[", pos):  # `datasets` writes .json files as JSON lines
     yield from _jsonl(path)
@@ -123,7 +85,7 @@ def _json(path: str) -> Iterator[tuple[int, Any]]:
 
 def _csv(path: str, delimiter: str) -> Iterator[tuple[int, Any]]:
   csv.field_size_limit(max(csv.field_size_limit(), min(sys.maxsize, 2**31 - 1)))  # prompts can be long
-  with open(path, encoding="utf-8-sig", newline="") as f:
+  with io.TextIOWrapper(paths.open_file(path, "rb"), encoding="utf-8-sig", newline="") as f:
     reader = csv.reader(f, delimiter=delimiter)
     header = next(reader, None)
     if header is None:
@@ -142,7 +104,9 @@ def _csv(path: str, delimiter: str) -> Iterator[tuple[int, Any]]:
 def _parquet(path: str) -> Iterator[tuple[int, Any]]:
   import pyarrow.parquet as pq
 
-  for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
+  with paths.open_file(path, "rb") as f:
+    table = pq.read_table(f)
+  for i, row in enumerate(table.to_pylist(), 1):
     yield i, row
 
 
@@ -205,14 +169,14 @@ def _utf8(source: str, rows: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, A
 def _read(source: str, split: str | None, data_dir: str | None) -> Iterator[tuple[int, Any]]:
   if source.startswith("tfds:"):
     return _tfds(source, split, data_dir)
-  if os.path.isdir(source):
-    if os.path.exists(os.path.join(source, "features.json")):
+  if paths.isdir(source):  # datasets and tfds read gs:// dirs themselves (fsspec / epath)
+    if paths.exists(paths.join(source, "features.json")):
       return _tfds(source, split, data_dir)
-    if any(os.path.exists(os.path.join(source, f)) for f in ("dataset_dict.json", "state.json")):
+    if any(paths.exists(paths.join(source, f)) for f in ("dataset_dict.json", "state.json")):
       return _hf_dir(source, split)
     raise CotsafeError(f"{source}: a directory that is neither a datasets save_to_disk dir nor a prepared "
                        f"tfds dataset, expected one of {_FORMATS}")
-  if not os.path.exists(source):
+  if not paths.exists(source):
     raise CotsafeError(f"{source}: no such file, expected one of {_FORMATS}")
   ext = os.path.splitext(source)[1].lower()
   readers = {".jsonl": _jsonl, ".json": _json, ".parquet": _parquet,
@@ -362,7 +326,18 @@ def _span_row(row: dict) -> dict:
 _VALIDATORS = {"prompts": _prompt_row, "sft": _sft_row, "spans": _span_row}
 
 
-def _apply_preset(row: dict, preset: ColumnPreset, default_kind: str | None) -> dict:
+def _apply_preset(row: dict, preset: ColumnPreset, default_kind: str | None) -> list[tuple[str, dict]]:
+  """(label, row) pairs: the preset's transform, column map, kind, answer and choices applied."""
+  out = []
+  for label, one in (preset.transform(row) if preset.transform is not None else [("", row)]):
+    try:
+      out.append((label, _map_row(one, preset, default_kind)))
+    except _BadRow as e:
+      raise _BadRow(f"({label}) {e.what}" if label else e.what, e.expected) from None
+  return out
+
+
+def _map_row(row: dict, preset: ColumnPreset, default_kind: str | None) -> dict:
   out = dict(row)
   for src, ours in preset.columns.items():
     if src in row:
@@ -419,8 +394,8 @@ def _preset(columns: Mapping[str, str] | str | None, schema: str) -> ColumnPrese
     if columns not in PRESETS:
       raise CotsafeError(f"unknown column preset {columns!r}, expected one of {', '.join(sorted(PRESETS))}")
     preset = PRESETS[columns]
-    if preset.schema != schema:
-      raise CotsafeError(f"column preset {columns!r} is for {preset.schema} rows, not {schema} rows")
+    if schema not in preset.schemas:
+      raise CotsafeError(f"column preset {columns!r} is for {' or '.join(preset.schemas)} rows, not {schema} rows")
     return preset
   return ColumnPreset(dict(columns or {}), schema=schema)
 
@@ -431,7 +406,8 @@ def load_rows(source: str, *, schema: str, columns: Mapping[str, str] | str | No
   """Read and validate every row of `source` for `schema` (prompts | sft | spans).
 
   columns: a {source field: our field} map or a preset name (PRESETS).  kind: the kind of rows that have
-  none.  split / data_dir: for `datasets` dirs and tfds.  on_bad_row: 'raise' stops at the first bad row
+  none (a preset's kind_by_split gives the kind of a named split).  split / data_dir: for `datasets` dirs and
+  tfds.  on_bad_row: 'raise' stops at the first bad row
   with "file:line: what is wrong, expected what"; 'skip' drops bad rows, counts and logs them.
   Fields outside the schema are dropped.
   """
@@ -442,6 +418,8 @@ def load_rows(source: str, *, schema: str, columns: Mapping[str, str] | str | No
   if kind is not None and kind not in KINDS:
     raise CotsafeError(f"kind={kind!r}, expected one of {'|'.join(KINDS)}")
   preset, validate = _preset(columns, schema), _VALIDATORS[schema]
+  if kind is None and split is not None and preset.kind_by_split:
+    kind = preset.kind_by_split.get(split)
   label = source if split is None else f"{source}[{split}]"
   rows, skipped, num_skipped = [], [], 0
   for line, raw in _read(source, split, data_dir):
@@ -450,7 +428,13 @@ def load_rows(source: str, *, schema: str, columns: Mapping[str, str] | str | No
         raise raw
       if not isinstance(raw, dict):
         raise _BadRow(f"row is a {type(raw).__name__}", "an object with named fields")
-      rows.append(validate(_apply_preset(raw, preset, kind)))
+      got = []
+      for part, row in _apply_preset(raw, preset, kind):
+        try:
+          got.append(validate(row))
+        except _BadRow as e:
+          raise _BadRow(f"({part}) {e.what}" if part else e.what, e.expected) from None
+      rows.extend(got)
     except _BadRow as e:
       message = f"{label}:{line}: {e}"
       if on_bad_row == "raise":
@@ -493,10 +477,12 @@ class Source:
   path: a file or dataset dir (any format load_rows reads) or tfds:NAME.  preset: a PRESETS name, or
   columns: a {source field: our field} map (not both).  kind: the kind of rows that carry none.  split,
   data_dir: for `datasets` dirs and tfds.  max_rows: keep at most this many rows, a subset seeded by
-  `load_sources(seed=...)` in file order (None: all).  weight: the source's share of a training mixture, or
-  its weight in an evaluation's macro average.  name: how rows, reports and mixtures name it (default: the
-  preset, else the file's stem).  schema: prompts | sft | spans.  grader: math | choice, for reasoning
-  prompt rows that name none (presets for multiple-choice sets set it per row).
+  `load_sources(seed=...)` in file order (None: all).  weight: in a training mixture, the source's share of
+  every batch (relative to the other sources' weights; None on every source: rows drawn in proportion to
+  the sources' sizes, as if the files were one), in an evaluation its weight in the macro average (None:
+  1).  name: how rows, reports and mixtures name it (default: the preset, else the file's stem).  schema:
+  prompts | sft | spans (None: the reading job's).  grader: math | choice, for reasoning prompt rows that
+  name none (presets for multiple-choice sets set it per row).
   """
   path: str
   name: str | None = None
@@ -506,8 +492,8 @@ class Source:
   split: str | None = None
   data_dir: str | None = None
   max_rows: int | None = None
-  weight: float = 1.0
-  schema: str = "prompts"
+  weight: float | None = None
+  schema: str | None = None
   grader: str | None = None
 
   def __post_init__(self):
@@ -520,16 +506,16 @@ class Source:
       raise CotsafeError(f"{where}: unknown preset {self.preset!r}, expected one of {', '.join(sorted(PRESETS))}")
     if self.kind is not None and self.kind not in KINDS:
       raise CotsafeError(f"{where}: kind={self.kind!r}, expected one of {'|'.join(KINDS)}")
-    if self.schema not in SCHEMAS:
+    if self.schema is not None and self.schema not in SCHEMAS:
       raise CotsafeError(f"{where}: schema={self.schema!r}, expected one of {'|'.join(SCHEMAS)}")
     if self.grader is not None and self.grader not in GRADERS:
       raise CotsafeError(f"{where}: grader={self.grader!r}, expected one of {'|'.join(GRADERS)}")
     if self.max_rows is not None and (isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int)
                                       or self.max_rows < 1):
       raise CotsafeError(f"{where}: max_rows={self.max_rows!r}, expected a positive int or None")
-    if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(
-        self.weight) or self.weight < 0:
-      raise CotsafeError(f"{where}: weight={self.weight!r}, expected a finite number >= 0")
+    if self.weight is not None and (isinstance(self.weight, bool) or not isinstance(self.weight, (int, float))
+                                    or not math.isfinite(self.weight) or self.weight < 0):
+      raise CotsafeError(f"{where}: weight={self.weight!r}, expected a finite number >= 0 or None")
     if self.name is not None and (not isinstance(self.name, str) or not self.name.strip() or
                                   any(c in self.name for c in "|\n/")):
       raise CotsafeError(f"{where}: name={self.name!r}, expected a non-empty name without '|', '/' or newlines")
@@ -548,7 +534,8 @@ class Source:
 @dataclasses.dataclass(frozen=True)
 class SourceRows:
   """Rows of several sources, each tagged with its source's name in a `source` field, in source order.
-  stats: name -> {rows (kept), available (valid rows in the source), skipped (bad rows), weight, path}."""
+  stats: name -> {rows (kept), available (valid rows in the source), skipped (bad rows), weight (None read
+  as 1), path}."""
   rows: list[dict[str, Any]]
   stats: dict[str, dict[str, Any]]
 
@@ -557,11 +544,14 @@ class SourceRows:
     return {name: s["weight"] for name, s in self.stats.items()}
 
 
-def load_sources(sources: Sequence[Source], *, on_bad_row: str = "raise", seed: int = 0) -> SourceRows:
+def load_sources(sources: Sequence[Source], *, on_bad_row: str = "raise", seed: int = 0,
+                 schema: str | None = None) -> SourceRows:
   """Load every source (see `Source`) into one list of validated rows with a `source` field per row.
 
   A source with max_rows keeps a subset of that size drawn with `seed` (and its name), in file order, so the
-  same suite and seed give the same rows. Names must be unique.
+  same suite and seed give the same rows. Names must be unique. schema: the rows the caller reads (a job's
+  schema); a source that names another schema is an error, one that names none reads this one (None:
+  each source's own, else prompts).
   """
   sources = list(sources)
   if not sources:
@@ -577,7 +567,11 @@ def load_sources(sources: Sequence[Source], *, on_bad_row: str = "raise", seed: 
   rows: list[dict[str, Any]] = []
   stats: dict[str, dict[str, Any]] = {}
   for src, name in zip(sources, names):
-    got = load_rows(src.path, schema=src.schema, columns=src.columns if src.columns is not None else src.preset,
+    if schema is not None and src.schema is not None and src.schema != schema:
+      raise CotsafeError(f"load_sources: Source({name!r}) has schema={src.schema!r}, but these rows are read as "
+                         f"{schema} rows (leave Source.schema unset, or set it to {schema!r})")
+    src_schema = src.schema or schema or "prompts"
+    got = load_rows(src.path, schema=src_schema, columns=src.columns if src.columns is not None else src.preset,
                     kind=src.kind, split=src.split, data_dir=src.data_dir, on_bad_row=on_bad_row)
     kept = got.rows
     if src.max_rows is not None and len(kept) > src.max_rows:
@@ -586,9 +580,9 @@ def load_sources(sources: Sequence[Source], *, on_bad_row: str = "raise", seed: 
       kept = [kept[i] for i in pick]
     for row in kept:
       row = dict(row, source=name)
-      if src.grader is not None and src.schema == "prompts" and row.get("kind") == "reasoning":
+      if src.grader is not None and src_schema == "prompts" and row.get("kind") == "reasoning":
         row.setdefault("grader", src.grader)
       rows.append(row)
     stats[name] = {"rows": len(kept), "available": len(got.rows), "skipped": got.num_skipped,
-                   "weight": float(src.weight), "path": got.source}
+                   "weight": 1.0 if src.weight is None else float(src.weight), "path": got.source}
   return SourceRows(rows, stats)

@@ -12,6 +12,7 @@ import re
 from typing import Any, Iterable, Mapping
 
 from cotsafe_jax.data.bpe import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer  # noqa: F401 (re-export)
+from cotsafe_jax import paths as path_lib
 from cotsafe_jax.errors import CotsafeError
 
 KINDS = ("harmful", "benign", "reasoning")
@@ -342,7 +343,7 @@ def _over_refusal_trace(p: _Prompt, rng: random.Random) -> _Trace:
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticTask:
-  """Rows of the miniature task, in the DATA.md schemas (prompts, SFT prompt+response, safety spans)."""
+  """Rows of the miniature task, in the docs/data.md schemas (prompts, SFT prompt+response, safety spans)."""
   seed: int
   train_prompts: tuple[dict, ...]
   eval_prompts: tuple[dict, ...]  # text-disjoint from train_prompts
@@ -461,9 +462,7 @@ def make_task(*, seed: int, n_train: int, n_eval: int, kind_fractions: Mapping[s
 
 # ---- files --------------------------------------------------------------------------------------------
 def _write_jsonl(path: str, rows: Iterable[Mapping[str, Any]]) -> None:
-  with open(path, "w", encoding="utf-8", newline="\n") as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+  path_lib.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 TASK_FILES = {"train_prompts": "train_prompts.jsonl", "eval_prompts": "eval_prompts.jsonl",
@@ -476,8 +475,9 @@ def _training_texts(task: SyntheticTask) -> list[str]:
 
 
 def write_task(task: SyntheticTask, out_dir: str, *, vocab_size: int = 576) -> dict[str, str]:
-  """Write the rows as jsonl and a tokenizer (trained on the training texts) under `out_dir`; returns paths."""
-  os.makedirs(out_dir, exist_ok=True)
+  """Write the rows as jsonl and a tokenizer (trained on the training texts) under `out_dir` (a local dir or a
+  gs:// URL); returns paths."""
+  path_lib.makedirs(out_dir)
   paths = {}
   for field, name in TASK_FILES.items():
     paths[field] = os.path.join(out_dir, name)

@@ -9,7 +9,8 @@ from cotsafe_jax.eval.evaluate import (CHOICE_INSTRUCTION, DEFAULT_PROMPT_TEMPLA
 from cotsafe_jax.eval.metrics import (aggregate, bootstrap_ci, flat, majority_index, metric_names, part_status,
                                       pass_at_k)
 from cotsafe_jax.eval.reasoning import REFLECTION_PATTERNS, count_reflections, is_correct, reflection_regex
-from cotsafe_jax.eval.report import CURVE_KEYS, check_summary, flat_values, format_table, summary_of, write_report
+from cotsafe_jax.eval.report import (CURVE_KEYS, check_summary, flat_values, format_table, summary_of, write_report,
+                                     write_training_report)
 from cotsafe_jax.eval.safety import VERDICT_KEYS, Judge, RuleJudge, SafetyScorer, SyntheticJudge, prompt_text
 
 __all__ = ["CHOICE_INSTRUCTION", "CURVE_KEYS", "DEFAULT_PROMPT_TEMPLATES", "EvalConfig", "EvalResult", "Judge",
@@ -18,4 +19,4 @@ __all__ = ["CHOICE_INSTRUCTION", "CURVE_KEYS", "DEFAULT_PROMPT_TEMPLATES", "Eval
            "count_reflections", "default_buckets", "evaluate_policy", "flat", "flat_values", "format_table",
            "is_correct", "majority_index", "metric_names", "part_status", "pass_at_k", "prompt_text",
            "reasoning_entropies", "reasoning_lengths", "reasoning_mask", "reflection_dynamics", "reflection_regex",
-           "score_completions", "summary_of", "write_report", "write_samples"]
+           "score_completions", "summary_of", "write_report", "write_samples", "write_training_report"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Mapping, Sequence
 
@@ -16,7 +15,7 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
-from cotsafe_jax import models, parallel, rollout
+from cotsafe_jax import models, parallel, paths, rollout
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.eval import analysis, metrics, reasoning
 from cotsafe_jax.eval.safety import KINDS, Judge, VERDICT_KEYS, check_rows
@@ -179,13 +178,13 @@ def _generate(*, cfg: models.ModelConfig, params: Any, tokenizer: Any, rows: Seq
     for r in range(batch_size):
       x = ids[batch[min(r, len(batch) - 1)][0]]  # filler rows copy the batch's last prompt
       prompt_bp[r, width - len(x):], mask_bp[r, width - len(x):] = x, True
-    if sharding is not None:
-      prompt_bp, mask_bp = jax.device_put(prompt_bp, sharding), jax.device_put(mask_bp, sharding)
+    if sharding is not None:  # every process holds the whole batch and places its own devices' rows
+      prompt_bp, mask_bp = parallel.global_array(prompt_bp, sharding), parallel.global_array(mask_bp, sharding)
     out = rollout.generate(cfg, params, prompt_bp, mask_bp, rng=jax.random.fold_in(key, c),
                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            eos_ids=stop, pad_id=pad_id, return_entropy=True, buckets=(width,), mesh=mesh)
-    tok_bt, mask_bt, ent_bt, fin_b = (np.asarray(x)[:len(batch)] for x in
-                                      jax.device_get((out.tokens_bt, out.mask_bt, out.entropy_bt, out.finished_b)))
+    tok_bt, mask_bt, ent_bt, fin_b = (x[:len(batch)] for x in   # all-gathered over processes
+                                      parallel.to_host((out.tokens_bt, out.mask_bt, out.entropy_bt, out.finished_b)))
     host = rollout.GenerateOutput(tokens_bt=tok_bt, mask_bt=mask_bt, logprobs_bt=np.zeros_like(ent_bt),
                                   finished_b=fin_b)
     texts = rollout.decode_completions(tokenizer, [rendered[i] for i, _ in batch], host, stop)
@@ -352,12 +351,8 @@ def evaluate_policy(*, cfg: models.ModelConfig, params: Any, tokenizer: Any, row
 
 
 def write_samples(path: str, samples: Sequence[Mapping[str, Any]]) -> str:
-  """samples.jsonl: one JSON object per sample (main process only, atomic). Returns the path."""
+  """samples.jsonl: one JSON object per sample (main process only, atomic; path may be a gs:// URL). Returns
+  the path."""
   if parallel.is_main_process():
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-      for s in samples:
-        f.write(json.dumps(s, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    paths.write_text(path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
   return path

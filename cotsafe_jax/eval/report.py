@@ -4,14 +4,13 @@ evaluation, a comparison of checkpoints and the demo.
 """
 from __future__ import annotations
 
+import io
 import json
-import math
-import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from cotsafe_jax import parallel
+from cotsafe_jax import parallel, paths
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.eval import metrics as metrics_lib
 
@@ -189,6 +188,12 @@ def _figure(ncols: int = 1, width: float = 5.5):
   return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
 
+def _save(fig, path: str) -> None:
+  buf = io.BytesIO()  # rendered in memory, written in one piece (the workdir may be a gs:// URL)
+  fig.savefig(buf, format="png", dpi=100)
+  paths.write_bytes(path, buf.getvalue())
+
+
 def _metric_of(key: str, wanted: str) -> bool:
   return key == wanted or key.endswith("/" + wanted)
 
@@ -204,7 +209,7 @@ def _check_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
                        "e.g. 'eval/accuracy'); expected per-step rows {'step': s, 'eval/accuracy': a, ...}")
 
 
-def _plot_curves(path: str, curves: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+def _plot_curves(path: str, curves: Mapping[str, Sequence[Mapping[str, Any]]], *, xlabel: str = "PPO step") -> None:
   from matplotlib.ticker import MaxNLocator
   fig, (ax_safe, ax_acc) = _figure(2)
   for name, rows in curves.items():
@@ -217,11 +222,11 @@ def _plot_curves(path: str, curves: Mapping[str, Sequence[Mapping[str, Any]]]) -
       ax = ax_acc if _metric_of(key, "accuracy") else ax_safe
       ax.plot(x, y, marker="o", markersize=3, label=f"{name}: {key}")
   for ax, what in ((ax_safe, "safety rate"), (ax_acc, "accuracy")):
-    ax.set(xlabel="PPO step", ylabel=what, ylim=(-0.02, 1.02), title=f"{what} over PPO steps")
+    ax.set(xlabel=xlabel, ylabel=what, ylim=(-0.02, 1.02), title=f"{what} over {xlabel}s")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if ax.lines:
       ax.legend(fontsize=7)
-  fig.savefig(path, dpi=100)
+  _save(fig, path)
 
 
 def _hist(ax, arrays: Mapping[str, np.ndarray], *, xlabel: str, title: str) -> bool:
@@ -243,7 +248,7 @@ def _plot_entropy(path: str, entropies: Mapping[str, np.ndarray]) -> bool:
   if not _hist(ax, entropies, xlabel="per-token entropy of reasoning tokens (nats)",
                title="Entropy over reasoning tokens"):
     return False
-  fig.savefig(path, dpi=100)
+  _save(fig, path)
   return True
 
 
@@ -253,7 +258,7 @@ def _plot_lengths(path: str, lengths: Mapping[str, Mapping[str, np.ndarray]]) ->
                  title=f"{part.capitalize()} length") for ax, part in zip(axes, ("response", "reasoning"))]
   if not any(drawn):
     return False
-  fig.savefig(path, dpi=100)
+  _save(fig, path)
   return True
 
 
@@ -270,7 +275,7 @@ def _bars(path: str, values: Mapping[str, Mapping[str, Any]], keys: Sequence[str
   ax.set(ylim=(0, 1.15), ylabel="rate", title=title)
   if len(keys) > 1:
     ax.legend(fontsize=7, loc="upper left", ncols=2)
-  fig.savefig(path, dpi=100)
+  _save(fig, path)
 
 
 def _benchmark_bars(path: str, summary: Mapping[str, Any], panels: Sequence[tuple[str, str]], title: str) -> bool:
@@ -298,7 +303,7 @@ def _benchmark_bars(path: str, summary: Mapping[str, Any], panels: Sequence[tupl
     ax.set(ylim=(0, 1.05), ylabel=label, title=f"{label} by benchmark")
     ax.legend(fontsize=7)
   fig.suptitle(title)
-  fig.savefig(path, dpi=100)
+  _save(fig, path)
   return True
 
 
@@ -326,30 +331,27 @@ def write_report(workdir: str, summary: Mapping[str, Any], *,
   table = format_table(clean)
   if not parallel.is_main_process():
     return table
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, "summary.json.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(clean, f, indent=2, allow_nan=False)
-  os.replace(tmp, os.path.join(workdir, "summary.json"))
+  paths.makedirs(workdir)
+  paths.write_text(paths.join(workdir, "summary.json"), json.dumps(clean, indent=2, allow_nan=False))
   values = flat_values(clean)
   plots = []
   if curves:
-    _plot_curves(os.path.join(workdir, "curves.png"), curves)
+    _plot_curves(paths.join(workdir, "curves.png"), curves)
     plots.append(("Safety and accuracy over PPO steps", "curves.png"))
-  if _benchmark_bars(os.path.join(workdir, "safety_by_benchmark.png"), clean,
+  if _benchmark_bars(paths.join(workdir, "safety_by_benchmark.png"), clean,
                      (("safety_rate_cot", "CoT Safe@1"), ("safety_rate_answer", "answer Safe@1")),
                      "Safety by benchmark and part"):
     plots.append(("Safety by benchmark and part", "safety_by_benchmark.png"))
-  if _benchmark_bars(os.path.join(workdir, "accuracy_by_benchmark.png"), clean,
+  if _benchmark_bars(paths.join(workdir, "accuracy_by_benchmark.png"), clean,
                      (("accuracy", "pass@1"), ("over_refusal", "over-refusal")), "Accuracy and over-refusal"):
     plots.append(("Accuracy and over-refusal by benchmark", "accuracy_by_benchmark.png"))
-  _bars(os.path.join(workdir, "rates.png"), values, _RATE_KEYS, "Safety, accuracy and over-refusal")
+  _bars(paths.join(workdir, "rates.png"), values, _RATE_KEYS, "Safety, accuracy and over-refusal")
   plots.append(("Safety, accuracy and over-refusal", "rates.png"))
-  _bars(os.path.join(workdir, "reflection.png"), values, ("reflection_rate",), "Reflection-phrase rate")
+  _bars(paths.join(workdir, "reflection.png"), values, ("reflection_rate",), "Reflection-phrase rate")
   plots.append(("Reflection-phrase rate", "reflection.png"))
-  if entropies and _plot_entropy(os.path.join(workdir, "entropy.png"), entropies):
+  if entropies and _plot_entropy(paths.join(workdir, "entropy.png"), entropies):
     plots.append(("Entropy over reasoning tokens", "entropy.png"))
-  if lengths and _plot_lengths(os.path.join(workdir, "lengths.png"), lengths):
+  if lengths and _plot_lengths(paths.join(workdir, "lengths.png"), lengths):
     plots.append(("Response and reasoning lengths", "lengths.png"))
   md = [f"# {title}", "", table, "", _LEGEND, ""]
   for line in notes:
@@ -370,6 +372,100 @@ def write_report(workdir: str, summary: Mapping[str, Any], *,
     md.append("")
   for caption, file in plots:
     md += [f"## {caption}", "", f"![{caption}]({file})", ""]
-  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
-    f.write("\n".join(md))
+  paths.write_text(paths.join(workdir, "report.md"), "\n".join(md))
   return table
+
+
+# ---- a training job's report -------------------------------------------------------------------------------
+def _read_metrics(path: str) -> list[dict[str, Any]]:
+  rows = []
+  if paths.exists(path):
+    with paths.open_file(path, encoding="utf-8") as f:
+      for line in f:
+        if line.strip():
+          try:
+            rows.append(json.loads(line))
+          except json.JSONDecodeError:  # a torn last line of a killed run
+            continue
+  return rows
+
+
+def _plot_training(path: str, rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[str]:
+  """One panel per key that has values (with its val/ twin on the same axes); returns the keys drawn."""
+  drawn = [k for k in keys if any(r.get(k) is not None or r.get(f"val/{k}") is not None for r in rows)]
+  if not drawn:
+    return []
+  ncols = min(3, len(drawn))
+  nrows = -(-len(drawn) // ncols)
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(5.0 * ncols, 3.4 * nrows), layout="constrained")
+  axes = np.asarray(fig.subplots(nrows, ncols, squeeze=False)).reshape(-1)
+  for ax, key in zip(axes, drawn):
+    for name in (key, f"val/{key}"):
+      pts = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
+      if pts:
+        x, y = zip(*pts)
+        ax.plot(x, y, marker="o" if name.startswith("val/") else None, markersize=3, label=name)
+    ax.set(xlabel="step", title=key)
+    ax.legend(fontsize=7)
+  for ax in axes[len(drawn):]:
+    ax.set_visible(False)
+  fig.savefig(path, dpi=100)
+  return drawn
+
+
+def write_training_report(workdir: str, *, job: str, curves: Sequence[str],
+                          final: Mapping[str, Any] | None = None, notes: Sequence[str] = (),
+                          title: str | None = None) -> str:
+  """report.md of a training job in `workdir`: its metrics over steps (metrics.jsonl: `curves` keys, each with
+  its val/ twin) in training_curves.png, the last logged value of each, `final` (e.g. held-out metrics) as a
+  table, and, when the job validated a policy (validation/step_N.json, written by train.validation), the last
+  validation's tables (the evaluation's, with its step) and validation_curves.png (safety and accuracy over
+  steps). summary.json is left alone (the job's own). Only the main process writes. Returns the markdown."""
+  rows = _read_metrics(paths.join(workdir, "metrics.jsonl"))
+  title = title or f"{job}: training report"
+  md = [f"# {title}", "", f"Workdir: `{workdir}`; {len(rows)} logged steps"
+        + (f", last step {rows[-1]['step']}" if rows else "") + ".", ""]
+  for line in notes:
+    md += [line, ""]
+  if not parallel.is_main_process():
+    return "\n".join(md)
+  paths.makedirs(workdir)
+  last = {}
+  for r in rows:
+    last.update({k: (r["step"], v) for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
+  shown = [k for k in curves if k in last] + sorted(k for k in last if k.startswith("val/") and "/" not in k[4:])
+  if shown:
+    md += ["## Last logged values", "", "| metric | step | value |", "| --- | ---: | ---: |"]
+    md += [f"| {k} | {last[k][0]} | {_cell(float(last[k][1]))} |" for k in shown]
+    md.append("")
+  if final:
+    md += ["## Final metrics", "", "| metric | value |", "| --- | ---: |"]
+    for k, v in final.items():
+      if isinstance(v, (int, float)) and not isinstance(v, bool):
+        md.append(f"| {k} | {_cell(v if isinstance(v, int) else float(v))} |")
+    md.append("")
+  plots = []
+  if _plot_training(paths.join(workdir, "training_curves.png"), rows, curves):
+    plots.append(("Training curves", "training_curves.png"))
+  val_dir = paths.join(workdir, "validation")
+  saved = sorted((int(f[5:-5]), f) for f in paths.listdir(val_dir) if f.startswith("step_") and f.endswith(".json")
+                 ) if paths.isdir(val_dir) else []
+  if saved:
+    step, name = saved[-1]
+    got = json.loads(paths.read_text(paths.join(val_dir, name)))
+    summary = check_summary(summary_of({f"step {step}": got["report"]}))
+    md += [f"## Validation at step {step}", "", format_table(summary), "", _LEGEND, ""]
+    bench = _group_table(_benchmark_rows(summary), "benchmark")
+    if bench:
+      md += [bench, ""]
+    curve_rows = [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("val/")}} for r in rows]
+    curve_rows = [r for r in curve_rows if len(r) > 1]
+    if any(r.get(f"val/{k}") is not None for r in curve_rows for k in CURVE_KEYS):
+      _plot_curves(paths.join(workdir, "validation_curves.png"), {"validation": curve_rows}, xlabel="training step")
+      plots.append(("Validation safety and accuracy over training", "validation_curves.png"))
+  for caption, file in plots:
+    md += [f"## {caption}", "", f"![{caption}]({file})", ""]
+  text = "\n".join(md)
+  paths.write_text(paths.join(workdir, "report.md"), text)
+  return text

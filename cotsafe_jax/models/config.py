@@ -85,13 +85,13 @@ class ModelConfig:
     if isinstance(dir_or_dict, Mapping):
       hf, where = dict(dir_or_dict), "config"
     else:
+      from cotsafe_jax import paths
       path = os.fspath(dir_or_dict)
       where = path if path.endswith(".json") else os.path.join(path, "config.json")
-      if not os.path.exists(where):
+      if not paths.exists(where):
         raise CotsafeError(f"{where}: not found (expected a Hugging Face model dir with config.json)")
       try:
-        with open(where) as f:
-          hf = json.load(f)
+        hf = json.loads(paths.read_text(where))
       except json.JSONDecodeError as e:
         raise CotsafeError(f"{where}: not valid JSON ({e})") from None
     return cls(**{**_parse_hf(hf, where), **overrides})

@@ -1,13 +1,12 @@
-"""Hugging Face checkpoint I/O: load a local HF dir straight onto shardings; save params as an HF dir.
+"""Hugging Face checkpoint I/O: load an HF dir straight onto shardings; save params as an HF dir.
 
-Safetensors only (never pickle, never remote code). Each device reads only its own slice of each tensor.
+Safetensors only (never pickle, never remote code). Each device reads only its own slice of each tensor. A dir
+may be a gs:// URL: it is read from a local copy and written by uploading a complete local dir.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Callable
 
 import jax
@@ -17,9 +16,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from cotsafe_jax import paths
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.models import api
 from cotsafe_jax.models.config import ModelConfig
+from cotsafe_jax.parallel import distributed
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors dtype names a weight may have
@@ -168,17 +169,18 @@ def _get(tree: dict, path: tuple[str, ...]) -> Any:
 
 def load_hf(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Mesh | None = None,
             compute_dtype: Any = None) -> tuple[ModelConfig, dict]:
-  """Load a local HF dir (config.json + safetensors) -> (ModelConfig, params) placed on `mesh`.
+  """Load an HF dir (config.json + safetensors) -> (ModelConfig, params) placed on `mesh`.
 
-  Each device's shard is read from the files by a callback, so no device ever holds the whole model.
+  Each device's shard is read from the files by a callback, so no device ever holds the whole model. A gs://
+  dir is first copied to a local temp dir (once per process).
   """
   path = os.fspath(path)
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     raise CotsafeError(f"{path}: model dir not found (expected a local Hugging Face checkpoint dir)")
   dtype = jnp.dtype(dtype)
   cfg = ModelConfig.from_hf(path, param_dtype=dtype, dtype=jnp.dtype(compute_dtype or dtype))
   layout = _layout(cfg)
-  ckpt = _Checkpoint(path)
+  ckpt = _Checkpoint(paths.local_dir(path))
   _check(cfg, ckpt, layout)
   if mesh is None:
     mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
@@ -201,65 +203,50 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = jnp.float32, mesh: Mesh | N
   return cfg, params
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-  if jax.process_count() > 1 and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def save_hf(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *, tokenizer: Any = None,
             dtype: Any = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
   """Write config.json + safetensors (sharded with an index past `max_shard_bytes`) + tokenizer files.
 
-  Written to a temporary dir and renamed into place, so a failed save leaves nothing half-written.
+  Written to a temporary dir and renamed into place (uploaded, for a gs:// dir), so a failed save leaves nothing
+  half-written. Every process gathers the params (they may be sharded over all of them); process 0 writes.
   """
   out_dir = os.fspath(out_dir)
   dtype = jnp.dtype(dtype or cfg.param_dtype)
   tensors: dict[str, np.ndarray] = {}
   for p, (template, _, hf_from_ours, _) in _layout(cfg).items():
-    value = _to_host(_get(params, p))
+    value = distributed.to_host(_get(params, p))
     for i, name in enumerate(_hf_names(cfg, p, template)):
       leaf = value[i] if p[0] == "layers" else value
       tensors[name] = np.ascontiguousarray(hf_from_ours(leaf).astype(dtype))
-  if jax.process_index() != 0:
-    return out_dir
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp_save_hf_", dir=parent)
-  try:
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-      if shards[-1] and size + t.nbytes > max_shard_bytes:
-        shards.append({})
-        size = 0
-      shards[-1][name] = t
-      size += t.nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-      save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata=meta)
-    else:
-      weight_map = {}
-      for j, shard in enumerate(shards):
-        fname = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(tmp, fname), metadata=meta)
-        weight_map.update({n: fname for n in shard})
-      total = sum(t.nbytes for t in tensors.values())
-      with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    hf_cfg = cfg.replace(param_dtype=dtype).to_hf_dict()
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(hf_cfg, f, indent=2)
-    if tokenizer is not None:
-      if isinstance(tokenizer, (str, os.PathLike)):
-        from cotsafe_jax.models.tokenizer import load_tokenizer
-        tokenizer = load_tokenizer(tokenizer)
-      tokenizer.save_pretrained(tmp)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  if jax.process_index() == 0:
+    with paths.staged_dir(out_dir) as tmp:
+      shards: list[dict[str, np.ndarray]] = [{}]
+      size = 0
+      for name, t in tensors.items():
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+          shards.append({})
+          size = 0
+        shards[-1][name] = t
+        size += t.nbytes
+      meta = {"format": "pt"}
+      if len(shards) == 1:
+        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata=meta)
+      else:
+        weight_map = {}
+        for j, shard in enumerate(shards):
+          fname = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
+          save_file(shard, os.path.join(tmp, fname), metadata=meta)
+          weight_map.update({n: fname for n in shard})
+        total = sum(t.nbytes for t in tensors.values())
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+          json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+      hf_cfg = cfg.replace(param_dtype=dtype).to_hf_dict()
+      with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf_cfg, f, indent=2)
+      if tokenizer is not None:
+        if isinstance(tokenizer, (str, os.PathLike)):
+          from cotsafe_jax.models.tokenizer import load_tokenizer
+          tokenizer = load_tokenizer(tokenizer)
+        tokenizer.save_pretrained(tmp)
+  distributed.barrier(f"save_hf {out_dir}")  # the others return once the files exist
   return out_dir

@@ -1,6 +1,6 @@
 """Tokenizers from local dirs (offline), chat templates in thinking format, reasoning / answer split.
 
-Thinking format (DATA.md): `<think>\\n{reasoning}\\n</think>\\n\\n{answer}`.
+Thinking format (docs/data.md): `<think>\\n{reasoning}\\n</think>\\n\\n{answer}`.
 """
 from __future__ import annotations
 
@@ -14,13 +14,16 @@ THINK_CLOSE = "</think>"
 
 
 def load_tokenizer(path: str | os.PathLike, *, model_vocab_size: int | None = None) -> Any:
-  """AutoTokenizer from a local dir, never the hub; errors if its vocab exceeds the model's."""
+  """AutoTokenizer from a dir (local, or a gs:// URL copied to a local temp dir), never the hub; errors if its
+  vocab exceeds the model's."""
+  from cotsafe_jax import paths
   path = os.fspath(path)
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     raise CotsafeError(f"{path}: tokenizer dir not found (expected a local dir with tokenizer.json)")
   import transformers  # heavy import, only when a tokenizer is needed
   try:
-    tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    tok = transformers.AutoTokenizer.from_pretrained(paths.local_dir(path), local_files_only=True,
+                                                     trust_remote_code=False)
   except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception for a corrupt tokenizer.json
     detail = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise CotsafeError(f"{path}: cannot load a tokenizer ({detail}), expected a tokenizer saved by "

@@ -6,13 +6,12 @@ lowers and compiles each program the trainer would call, prints a table and writ
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from cotsafe_jax import models, parallel
+from cotsafe_jax import models, parallel, paths
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.plan import planner, targets
 from cotsafe_jax.rewards import guard_judge, safety_rm
@@ -182,11 +181,7 @@ def plan(*, workdir: str, target: str, policy: PolicySpec, ppo: ppo_lib.PPOConfi
     print("resident per device: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in resident.items() if v))
     print(text)
   if write and parallel.is_main_process():
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "plan.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(out, f, indent=2)
-    os.replace(path + ".tmp", path)
+    paths.write_text(paths.join(workdir, "plan.json"), json.dumps(out, indent=2))
   error = planner.summary_line(tgt, results, reserve_fraction)
   if error:
     raise CotsafeError(error)

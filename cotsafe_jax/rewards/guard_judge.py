@@ -316,11 +316,11 @@ class GuardJudge:
       for j, i in enumerate(rows):
         tokens[j, t - len(encoded[i]):], mask[j, t - len(encoded[i]):] = encoded[i], True
       mask[len(rows):, -1] = True  # filler rows: one real token, so no row is fully masked
-      if self.mesh is not None:
+      if self.mesh is not None:  # every process holds the whole chunk and places its own devices' rows
         shard = mesh_lib.batch_sharding(self.mesh, 2, (bs, t))
-        tokens, mask = jax.device_put(tokens, shard), jax.device_put(mask, shard)
+        tokens, mask = distributed.global_array(tokens, shard), distributed.global_array(mask, shard)
       score = verdict_program(self.cfg, self.mesh, batch_size=bs, length=t)
-      p_w[rows] = np.asarray(score(self.params, tokens, mask, *self._ids))[:len(rows)]
+      p_w[rows] = distributed.to_host(score(self.params, tokens, mask, *self._ids))[:len(rows)]
       bar.update(len(rows))
     bar.close()
     np.maximum.at(out, np.asarray(owner), p_w)

@@ -7,19 +7,18 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load, save
 
-from cotsafe_jax import models
+from cotsafe_jax import models, paths
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.models.heads import TokenClassificationHead, head_shardings, init_head
-from cotsafe_jax.parallel import mesh as mesh_lib
+from cotsafe_jax.parallel import distributed, mesh as mesh_lib
 from cotsafe_jax.rewards.base import RewardBatch, SafetyScores, part_masks
 from cotsafe_jax.rewards.spans import spans_to_token_labels  # noqa: F401  (re-exported: the RM's labels)
 
@@ -119,10 +118,10 @@ class SafetyRM:
       tokens = np.zeros((bs, tp), np.int32)
       mask = np.zeros((bs, tp), bool)
       tokens[:n, :t], mask[:n, :t] = tokens_bt[start:start + n], mask_bt[start:start + n]
-      if self.mesh is not None:
+      if self.mesh is not None:  # every process holds the whole chunk and places its own devices' rows
         shard = mesh_lib.batch_sharding(self.mesh, 2, (bs, tp))
-        tokens, mask = jax.device_put(tokens, shard), jax.device_put(mask, shard)
-      out[start:start + n] = np.asarray(probs(self.params, tokens, mask))[:n, :t]
+        tokens, mask = distributed.global_array(tokens, shard), distributed.global_array(mask, shard)
+      out[start:start + n] = distributed.to_host(probs(self.params, tokens, mask))[:n, :t]
     return out
 
   def score(self, batch: RewardBatch) -> SafetyScores:
@@ -137,17 +136,18 @@ class SafetyRM:
                         parts={"reasoning": pool(reasoning_bt), "answer": pool(answer_bt)})
 
   def export(self, out_dir: str) -> str:
-    """Write backbone/ (HF dir with the tokenizer), the head's safetensors and its json config."""
-    models.save_hf(self.cfg, self.params["backbone"], os.path.join(out_dir, BACKBONE_DIR),
+    """Write backbone/ (HF dir with the tokenizer), the head's safetensors and its json config (process 0; the
+    dir may be a gs:// URL)."""
+    models.save_hf(self.cfg, self.params["backbone"], paths.join(out_dir, BACKBONE_DIR),
                    tokenizer=self.tokenizer)
+    head = {k: np.asarray(v, np.float32) for k, v in distributed.to_host(self.params["head"]).items()}
     if jax.process_index() == 0:
-      head = {k: np.asarray(jax.device_get(v), np.float32) for k, v in self.params["head"].items()}
-      save_file(head, os.path.join(out_dir, HEAD_FILE), metadata={"format": "np"})
+      paths.write_bytes(paths.join(out_dir, HEAD_FILE), save(head, metadata={"format": "np"}))
       config = {"format_version": _FORMAT_VERSION, "head": "TokenClassificationHead", "num_classes": 1,
                 "embed_dim": self.cfg.hidden_size, "seq_pool": self.seq_pool, "backbone_dir": BACKBONE_DIR,
                 "label": "P(unsafe) = sigmoid(h_t . kernel + bias), h_t the backbone's final-norm hidden state"}
-      with open(os.path.join(out_dir, HEAD_CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
+      paths.write_text(paths.join(out_dir, HEAD_CONFIG), json.dumps(config, indent=2))
+    distributed.barrier(f"safety RM export {out_dir}")
     return out_dir
 
 
@@ -170,26 +170,25 @@ def load_safety_rm(export_dir: str, *, mesh: Mesh | None = None, dtype: Any = jn
   """Load an export written by SafetyRM.export / train_safety_rm; `seq_pool` overrides the saved one."""
   if not export_dir:
     raise CotsafeError(f"load_safety_rm: export_dir={export_dir!r}, expected a safety RM export dir")
-  cfg_path = os.path.join(export_dir, HEAD_CONFIG)
-  if not os.path.exists(cfg_path):
+  cfg_path = paths.join(export_dir, HEAD_CONFIG)
+  if not paths.exists(cfg_path):
     raise CotsafeError(f"{cfg_path}: not found (expected a safety RM export: {BACKBONE_DIR}/, {HEAD_FILE}, "
                        f"{HEAD_CONFIG})")
-  with open(cfg_path) as f:
-    meta = json.load(f)
+  meta = json.loads(paths.read_text(cfg_path))
   if meta.get("format_version") != _FORMAT_VERSION or meta.get("num_classes") != 1:
     raise CotsafeError(f"{cfg_path}: format_version={meta.get('format_version')}, num_classes="
                        f"{meta.get('num_classes')}, expected {_FORMAT_VERSION} and 1")
-  backbone_dir = os.path.join(export_dir, meta.get("backbone_dir", BACKBONE_DIR))
+  backbone_dir = paths.join(export_dir, meta.get("backbone_dir", BACKBONE_DIR))
   cfg, backbone = models.load_hf(backbone_dir, dtype=dtype, mesh=mesh)
-  head = load_file(os.path.join(export_dir, HEAD_FILE))
+  head = load(paths.read_bytes(paths.join(export_dir, HEAD_FILE)))
   want = {"kernel": (cfg.hidden_size, 1), "bias": (1,)}
   got = {k: tuple(v.shape) for k, v in head.items()}
   if got != want:
-    raise CotsafeError(f"{os.path.join(export_dir, HEAD_FILE)}: tensors {got}, expected {want} "
+    raise CotsafeError(f"{paths.join(export_dir, HEAD_FILE)}: tensors {got}, expected {want} "
                        f"for hidden_size {cfg.hidden_size}")
   if mesh is not None:
     shardings = head_shardings(_HEAD, embed_dim=cfg.hidden_size, mesh=mesh)
-    head = {k: jax.device_put(v, shardings[k]) for k, v in head.items()}
+    head = {k: distributed.global_array(v, shardings[k]) for k, v in head.items()}
   else:
     head = {k: jnp.asarray(v) for k, v in head.items()}
   tokenizer = models.load_tokenizer(backbone_dir, model_vocab_size=cfg.vocab_size)

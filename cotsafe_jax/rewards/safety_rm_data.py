@@ -1,4 +1,4 @@
-"""Safety-span rows (DATA.md) -> fixed-shape token arrays for the safety RM: ids, token and sequence labels.
+"""Safety-span rows (docs/data.md) -> fixed-shape token arrays for the safety RM: ids, token and sequence labels.
 
 The prompt is rendered with the tokenizer's chat template when it has one, as the policy's prompts are, and a
 whole response ends with the stop token, as the policy's finished completions do.
@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from cotsafe_jax import models
-from cotsafe_jax.data.sources import load_spans
+from cotsafe_jax.data import mixture as mixture_lib, pipeline as pipeline_lib
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.rewards.spans import labels_from_offsets, tokenize_with_offsets
 
@@ -45,7 +45,8 @@ def render_prompt(tokenizer: Any, prompt: str, response: str) -> tuple[str, int]
 @dataclasses.dataclass(frozen=True)
 class Encoded:
   """N rows padded to max_len: tokens/mask [N, L]; token_labels [N, L] (-1 = no label); response_mask
-  [N, L]; seq_labels [N]; has_token_labels [N]."""
+  [N, L]; seq_labels [N]; has_token_labels [N]. sources [N]: each row's source name (rows of a list of
+  Sources) or the file; weights: the sources' mixture weights (None: rows drawn in proportion to sizes)."""
   tokens: np.ndarray
   mask: np.ndarray
   token_labels: np.ndarray
@@ -54,9 +55,32 @@ class Encoded:
   has_token_labels: np.ndarray
   truncated: int
   skipped: int
+  sources: tuple[str, ...] = ()
+  weights: dict[str, float] | None = None
 
   def __len__(self) -> int:
     return int(self.tokens.shape[0])
+
+  def row_name(self, i: int) -> str:
+    return f"{self.sources[i]} row {i + 1}" if self.sources else f"row {i + 1}"
+
+  def batch(self, step: int, *, batch_size: int, seed: int) -> np.ndarray:
+    """Row indices of training batch `step`, a function of (step, seed) only, so a resumed run sees the same
+    batches: without weights, epoch e of the rows in the permutation default_rng([seed, e]) (batches straddle
+    epochs); with weights, the weighted source mixture of data.make_pipeline at that step."""
+    if self.weights is None:
+      n, first, last = len(self), step * batch_size, (step + 1) * batch_size
+      perms = {e: np.random.default_rng([seed, e]).permutation(n) for e in range(first // n, (last - 1) // n + 1)}
+      return np.asarray([perms[i // n][i % n] for i in range(first, last)])
+    if getattr(self, "_pipe", None) is None or self._pipe[0] != (batch_size, seed):
+      rows = [{"i": i, "source": name} for i, name in enumerate(self.sources)]
+      pipe = pipeline_lib.make_pipeline(rows, batch_size=batch_size, seed=seed, weights=self.weights,
+                                        process_index=0, process_count=1)
+      object.__setattr__(self, "_pipe", ((batch_size, seed), pipe))
+    pipe = self._pipe[1]
+    if pipe.step != step:
+      pipe.seek(step)
+    return np.asarray([r["i"] for r in next(pipe)])
 
   def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
     return {"tokens": self.tokens[idx], "mask": self.mask[idx], "token_labels": self.token_labels[idx],
@@ -111,12 +135,15 @@ def encode_row(tokenizer: Any, row: SpanRow, max_len: int, *,
   return ids, labels, resp, truncated
 
 
-def encode_file(tokenizer: Any, source: str, *, max_len: int, columns: Mapping[str, str] | str | None = None,
+def encode_file(tokenizer: Any, source: Any, *, max_len: int, columns: Mapping[str, str] | str | None = None,
                 on_bad_row: str = "raise", stop_token_id: int | None = None) -> Encoded:
-  """Read safety-span rows with data.load_spans (any supported format; "file:line: ..." errors) and encode;
-  every whole response ends with `stop_token(tokenizer, stop_token_id)` (see `encode_row`)."""
+  """Read safety-span rows (one file in any supported format, with "file:line: ..." errors; a list of
+  data.Source; or a data.TrainingData) and encode; every whole response ends with
+  `stop_token(tokenizer, stop_token_id)` (see `encode_row`)."""
   stop_id = stop_token(tokenizer, stop_token_id)
-  loaded = load_spans(source, columns=columns, on_bad_row=on_bad_row)
+  loaded = mixture_lib.training_data(source, schema="spans", columns=columns, on_bad_row=on_bad_row,
+                                     job="train_safety_rm")
+  names = tuple(r.get("source", loaded.source) for r in loaded.rows)
   rows = [_span_row(r) for r in loaded.rows]
   n = len(rows)
   out = {"tokens": np.zeros((n, max_len), np.int32), "mask": np.zeros((n, max_len), bool),
@@ -129,4 +156,4 @@ def encode_file(tokenizer: Any, source: str, *, max_len: int, columns: Mapping[s
     truncated += cut
   return Encoded(**out, seq_labels=np.array([r.label for r in rows], np.int32),
                  has_token_labels=np.array([r.spans is not None for r in rows]), truncated=truncated,
-                 skipped=loaded.num_skipped)
+                 skipped=loaded.num_skipped, sources=names, weights=loaded.weights)

@@ -4,7 +4,6 @@ export of the backbone (HF dir) and the head (safetensors + json).
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Mapping
 
 import jax
@@ -14,11 +13,11 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from cotsafe_jax import models
+from cotsafe_jax import models, paths
 from cotsafe_jax.errors import CotsafeError
-from cotsafe_jax.parallel import mesh as mesh_lib
-from cotsafe_jax.rewards.safety_rm import (SafetyRM, check_pool, init_safety_rm, param_shapes, param_shardings,
-                                           pool_probs, pooled_log_probs, token_logits)
+from cotsafe_jax.parallel import distributed, mesh as mesh_lib
+from cotsafe_jax.rewards.safety_rm import (SafetyRM, check_pool, init_safety_rm, pool_probs, pooled_log_probs,
+                                           token_logits)
 from cotsafe_jax.rewards.safety_rm_data import Encoded, encode_file
 from cotsafe_jax.train.guard import StepGuard
 from cotsafe_jax.train.logging import MetricLogger
@@ -67,17 +66,11 @@ def rm_loss(cfg: models.ModelConfig, params: dict, batch: dict[str, jax.Array], 
   return token_loss + seq_loss, {"loss": token_loss + seq_loss, "token_loss": token_loss, "seq_loss": seq_loss}
 
 
-def _batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-  """Rows of step `step`: a fresh permutation per epoch, so a resumed run sees the same batches."""
-  first, last = step * batch_size, (step + 1) * batch_size
-  perms = {e: np.random.default_rng([seed, e]).permutation(n) for e in range(first // n, (last - 1) // n + 1)}
-  return np.asarray([perms[i // n][i % n] for i in range(first, last)])
-
-
 def _put(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
   if mesh is None:
     return {k: jnp.asarray(v) for k, v in batch.items()}
-  return {k: jax.device_put(v, mesh_lib.batch_sharding(mesh, v.ndim, v.shape)) for k, v in batch.items()}
+  # every process draws the same global batch and places its own devices' rows
+  return {k: distributed.global_array(v, mesh_lib.batch_sharding(mesh, v.ndim, v.shape)) for k, v in batch.items()}
 
 
 def evaluate_rm(rm: SafetyRM, data: Encoded, *, batch_size: int, threshold: float = 0.5) -> dict[str, float]:
@@ -101,7 +94,7 @@ def evaluate_rm(rm: SafetyRM, data: Encoded, *, batch_size: int, threshold: floa
   return out
 
 
-def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval_path: str, workdir: str,
+def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: Any, eval_path: Any, workdir: str,
                     steps: int, batch_size: int, learning_rate: float, max_len: int,
                     tokenizer_dir: str | None = None, pos_weight: float | None = None, seq_pool: str = "max",
                     seed: int = 0, warmup_steps: int | None = None, weight_decay: float = 0.0,
@@ -112,11 +105,12 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
   """Train the token-level safety RM; returns the held-out metrics and where the export went.
 
   backbone: an HF dir (loaded) or a ModelConfig (initialised with `seed`); tokenizer_dir defaults to the
-  backbone dir. Data: any format data.load_spans reads (`columns`: a field map or preset; on_bad_row: raise |
-  skip). Every whole response ends with the policy's stop token (stop_token_id, default the tokenizer's eos),
-  labelled safe: PPO scores it (safety_rm_data.encode_row says why). pos_weight None = n_negative / n_positive
-  over the training tokens. Resumes from the latest
-  checkpoint in workdir/checkpoints. Writes metrics.jsonl, TensorBoard events, summary.json, export/.
+  backbone dir. Data (train_path, eval_path): one file in any format data.load_spans reads (`columns`: a field
+  map or preset; on_bad_row: raise | skip), a list of data.Source (weights mix the training batches), or a
+  data.TrainingData. Every whole response ends with the policy's stop token (stop_token_id, default the
+  tokenizer's eos), labelled safe: PPO scores it (safety_rm_data.encode_row says why). pos_weight None =
+  n_negative / n_positive over the training tokens. Resumes from the latest checkpoint in workdir/checkpoints
+  (the batches are a function of the step). Writes metrics.jsonl, TensorBoard events, summary.json, export/.
   The state (params and AdamW moments) is born sharded on `mesh`; remat: the backbone's rematerialisation
   (models.REMAT_POLICIES). A step with a non-finite loss or gradients changes nothing (counted, its rows
   logged); max_nonfinite_steps of them in a row stop the job.
@@ -145,10 +139,11 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
   optimizer = make_optimizer(learning_rate=learning_rate, warmup_steps=warmup_steps if warmup_steps is not None
                              else max(steps // 20, 0), total_steps=steps, weight_decay=weight_decay)
   shardings = None
-  if mesh is not None:  # the state born sharded: AdamW moments split like their params
-    p_sh = param_shardings(cfg, mesh)
-    shardings = {"params": p_sh, "opt_state": opt_state_shardings(optimizer, param_shapes(cfg), p_sh,
-                                                                 mesh_lib.replicated(mesh))}
+  if mesh is not None:  # params born sharded; AdamW moments split like them, its step count replicated
+    params_sh = jax.tree.map(lambda x: x.sharding, rm.params)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rm.params)
+    shardings = {"params": params_sh,
+                 "opt_state": opt_state_shardings(optimizer, shapes, params_sh, mesh_lib.replicated(mesh))}
   state = {"params": rm.params,
            "opt_state": jax.jit(optimizer.init, out_shardings=shardings and shardings["opt_state"])(rm.params)}
 
@@ -163,11 +158,12 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
     return {"params": keep(optax.apply_updates(state["params"], updates), state["params"]),
             "opt_state": keep(opt_state, state["opt_state"])}, metrics
 
-  train_step = mesh_lib.OnMesh(jax.jit(train_step, in_shardings=(shardings, None) if shardings else None,
-                                       out_shardings=(shardings, None) if shardings else None,
+  # the state keeps the shardings it was born with (the scoring program expects the params there; under several
+  # processes jit does not move a committed array to another sharding)
+  train_step = mesh_lib.OnMesh(jax.jit(train_step, out_shardings=(shardings, None) if shardings else None,
                                        donate_argnums=(0,)), mesh)
-  workdir = os.path.abspath(workdir)
-  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+  workdir = paths.resolve(workdir)  # absolute when local; a gs:// URL as it is
+  manager = ocp.CheckpointManager(paths.join(workdir, "checkpoints"),
                                   options=ocp.CheckpointManagerOptions(max_to_keep=2,
                                                                        save_interval_steps=checkpoint_every))
   start = manager.latest_step() or 0
@@ -178,11 +174,11 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
   metrics: dict[str, Any] = {}
   guard = StepGuard(workdir, job="train_safety_rm", max_nonfinite_steps=max_nonfinite_steps)
   for step in range(start, steps):
-    rows = _batch_indices(len(train), batch_size, step, seed)
+    rows = train.batch(step, batch_size=batch_size, seed=seed)
     state, metrics = train_step(state, _put(train.take(rows), mesh))
-    metrics = jax.device_get(metrics)
+    metrics = distributed.to_host(metrics)
     metrics.update(guard.observe(step + 1, finite=float(metrics["nonfinite"]) == 0.0, loss=float(metrics["loss"]),
-                                 row_ids=[f"{train_path} row {i + 1}" for i in rows]))
+                                 row_ids=[train.row_name(i) for i in rows]))
     if guard.must_stop:
       logger.write(step + 1, metrics)
       manager.wait_until_finished()
@@ -199,10 +195,9 @@ def train_safety_rm(*, backbone: str | models.ModelConfig, train_path: str, eval
   result.update(pos_weight=float(pos_weight), train_rows=float(len(train)), train_unsafe_tokens=float(n_pos),
                 truncated_rows=float(train.truncated + evals.truncated),
                 skipped_rows=float(train.skipped + evals.skipped), steps=float(steps))
-  logger.write(steps, {**jax.device_get(metrics), **{f"eval/{k}": v for k, v in result.items()}})
+  logger.write(steps, {**distributed.to_host(metrics), **{f"eval/{k}": v for k, v in result.items()}})
   logger.close()
-  export_dir = rm.export(os.path.join(workdir, "export"))
+  export_dir = rm.export(paths.join(workdir, "export"))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump({**result, "export_dir": export_dir}, f, indent=2)
+    paths.write_text(paths.join(workdir, "summary.json"), json.dumps({**result, "export_dir": export_dir}, indent=2))
   return {**result, "export_dir": export_dir}

@@ -1,4 +1,4 @@
-"""Character spans of unsafe text (DATA.md safety-span rows) -> per-token labels via the offset mapping.
+"""Character spans of unsafe text (docs/data.md safety-span rows) -> per-token labels via the offset mapping.
 
 A token is unsafe when its character range overlaps a span; overlapping spans are merged.
 """

@@ -193,7 +193,10 @@ class ValueLoss:
       clipped_values_bt = old_values_bt + jnp.clip(values_bt - old_values_bt, -self.clip_eps, self.clip_eps)
       clipped_bt = jnp.square(clipped_values_bt - returns_bt)
       vf_bt = jnp.maximum(unclipped_bt, clipped_bt)
-      clipfrac_bt = (clipped_bt > unclipped_bt).astype(jnp.float32)
+      # the clipped term decides where the value moved more than clip_eps and the clipped error is the larger;
+      # comparing the two squares alone counts float rounding ties (old + (v - old) != v) as clipped
+      clipfrac_bt = ((jnp.abs(values_bt - old_values_bt) > self.clip_eps) & (clipped_bt > unclipped_bt)
+                     ).astype(jnp.float32)
     loss = 0.5 * aggregate(vf_bt, mask_bt, agg=self.agg, num_tokens=num_tokens, num_seqs=num_seqs)
     sg = jax.lax.stop_gradient
     metrics = {

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from cotsafe_jax import models
 from cotsafe_jax.errors import CotsafeError
+from cotsafe_jax.parallel import distributed
 from cotsafe_jax.rollout.sampler import Buckets, GenerateOutput, generate
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -57,8 +58,8 @@ def encode_chat(tokenizer: Any, prompts: Sequence[str | Sequence[dict[str, str]]
 def decode_completions(tokenizer: Any, texts: Sequence[str], out: GenerateOutput,
                        stop_ids: Sequence[int]) -> list[TextCompletion]:
   """Decode each row's masked tokens (a final stop id dropped) and split reasoning from answer."""
-  tokens_bt, mask_bt, finished_b = (np.asarray(jax.device_get(x)) for x in
-                                    (out.tokens_bt, out.mask_bt, out.finished_b))
+  # all-gathered when the rows are sharded over several processes: every process decodes every row
+  tokens_bt, mask_bt, finished_b = distributed.to_host((out.tokens_bt, out.mask_bt, out.finished_b))
   # special tokens (pad, eos, ...) are dropped but never the think tags, which some tokenizers mark special
   keep = {tokenizer.convert_tokens_to_ids(t) for t in (THINK_OPEN, THINK_CLOSE)}
   drop = set(tokenizer.all_special_ids) - keep

@@ -26,7 +26,7 @@ class RFTConfig:
   (P < threshold) and it does what the prompt kind asks: refuse (harmful), answer (benign), be correct
   (reasoning). Rows naming the held-out substance are dropped (the held-out design: no training set names it)."""
   samples_per_prompt: int = 4
-  num_prompts: int = 480
+  num_prompts: int = 320
   prompts_per_batch: int = 32
   threshold: float = 0.5
 

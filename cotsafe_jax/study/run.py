@@ -8,14 +8,14 @@ import dataclasses
 import json
 import os
 import queue
-import shutil
 import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
 
-from cotsafe_jax import eval as eval_lib, models, parallel
+from cotsafe_jax import eval as eval_lib, models, parallel, paths as path_lib
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.rewards import CompositeReward
 from cotsafe_jax.rewards.safety_rm import load_safety_rm
@@ -50,7 +50,7 @@ class PPOArms:
   ppo: PPOConfig
   rollout: ppo_trainer.RolloutConfig
   optim: ppo_trainer.OptimConfig
-  max_steps: int = 60
+  max_steps: int = 40
   prompts_per_step: int = 32
   mixture: Mapping[str, float] | None = None
   sequence_weights: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=lambda: {
@@ -165,21 +165,20 @@ class _Stage:
 
   def __init__(self, root: str):
     self.root = os.path.join(root, "stages")
-    os.makedirs(self.root, exist_ok=True)
+    path_lib.makedirs(self.root)
 
   def run(self, name: str, fn: Callable[[], Any]) -> Any:
     path = os.path.join(self.root, f"{name}.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        return json.load(f)
+    if path_lib.exists(path):
+      return json.loads(path_lib.read_text(path))
     start = time.perf_counter()
     out = fn()
     out = {**out, "stage_seconds": round(time.perf_counter() - start, 2)}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(out, f, indent=2, default=float)
-    os.replace(tmp, path)
-    return out
+    text = json.dumps(out, indent=2, default=float)
+    if parallel.is_main_process():
+      path_lib.write_text(path, text)
+    parallel.barrier(f"study stage {path}")
+    return json.loads(text)
 
 
 def _say(msg: str) -> None:
@@ -234,7 +233,8 @@ class Study:
     models.load_tokenizer(s.paths["tokenizer"], model_vocab_size=self.vocab_size)
     return s
 
-  def warm_and_rm(self, s: _Seed) -> dict[str, Any]:
+  def pre_jobs(self, s: _Seed) -> list[tuple[str, Callable[[], Any]]]:
+    """The seed's warm start and safety RM, as two jobs named "<seed>/warm_start" and "<seed>/safety_rm"."""
     stage = _Stage(s.root)
 
     def warm():
@@ -248,7 +248,7 @@ class Study:
       order = np.random.default_rng(s.seed + 11).permutation(len(spans))
       n_eval = max(len(spans) // 10, 1)
       rm_dir = os.path.join(s.root, "safety_rm")
-      os.makedirs(rm_dir, exist_ok=True)
+      path_lib.makedirs(rm_dir)
       train = task_lib.write_jsonl(os.path.join(rm_dir, "train_spans.jsonl"), [spans[i] for i in order[n_eval:]])
       evals = task_lib.write_jsonl(os.path.join(rm_dir, "eval_spans.jsonl"), [spans[i] for i in order[:n_eval]])
       out = train_safety_rm(backbone=self.rm_backbone, train_path=train, eval_path=evals, workdir=rm_dir,
@@ -257,10 +257,8 @@ class Study:
                             seed=s.seed, mesh=self.mesh)
       return {k: v for k, v in out.items() if isinstance(v, (int, float, str))}
 
-    out = _pool([("warm_start", lambda: stage.run("warm_start", warm)), ("safety_rm", lambda: stage.run("safety_rm", rm))],
-                workers=self.workers)
-    s.warm_dir, s.rm_dir = out["warm_start"]["hf_dir"], out["safety_rm"]["export_dir"]
-    return out
+    return [(f"{s.seed}/warm_start", lambda: stage.run("warm_start", warm)),
+            (f"{s.seed}/safety_rm", lambda: stage.run("safety_rm", rm))]
 
   # ---- pieces of the arms ----------------------------------------------------------------------------------------
   def _scorer(self, s: _Seed):
@@ -312,9 +310,11 @@ class Study:
                       save_interval_steps=max(steps) + 1)
       seconds += time.perf_counter() - start
       hf = os.path.join(workdir, f"hf_step{n}")
-      if os.path.exists(hf):
-        shutil.rmtree(hf)
-      shutil.copytree(out["hf_dir"], hf)
+      if parallel.is_main_process():
+        if path_lib.exists(hf):
+          path_lib.rmtree(hf)
+        path_lib.copy_tree(out["hf_dir"], hf)
+      parallel.barrier(f"study {hf}")
       point = {"steps": n, "learning_rate": lr, "hf_dir": hf, "seconds": round(seconds, 2),
                "rows": n * self.sft.batch_size}
       if validate:
@@ -360,9 +360,10 @@ class Study:
     return {"points": points}
 
   # ---- tuning on the first seed, then the arms -------------------------------------------------------------------
-  def tune_and_train(self, s: _Seed) -> dict[str, Any]:
+  def tune_and_train(self, s: _Seed, extra: Sequence[tuple[str, Callable[[], Any]]] = ()) -> dict[str, Any]:
     """Every (arm, learning rate) run to its largest step count with validation points; the chosen point of each
-    arm is this seed's policy of that arm. Returns {"chosen": {arm: point}, "runs": {arm: [points]}}."""
+    arm is this seed's policy of that arm. `extra` jobs (other seeds' RFT data) share the workers.
+    Returns {"chosen": {arm: point}, "runs": {arm: [points]}}."""
     stage = _Stage(s.root)
     t = self.tuning
     jobs: list[tuple[str, Callable[[], Any]]] = []
@@ -383,7 +384,7 @@ class Study:
 
     jobs.insert(0, ("rft_data", rft_first))
     jobs += [sft_job("sft", lr, s.paths["sft_safe"]) for lr in t.sft_learning_rates]
-    results = _pool(jobs, workers=self.workers)
+    results = _pool(jobs + list(extra), workers=self.workers)
     runs = {arm: [p for name, r in sorted(results.items()) if name.startswith(f"tune_{arm}_lr") for p in r["points"]]
             for arm in ARMS}
     chosen = {}
@@ -391,7 +392,10 @@ class Study:
       chosen[arm] = max(points, key=lambda p: (round(p["val"]["score"], 9), -p["steps"], -p["learning_rate"]))
     return {"chosen": chosen, "runs": runs, "base_val": self.validate(s, s.warm_dir)}
 
-  def train_arms(self, s: _Seed, hyper: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+  def arm_jobs(self, s: _Seed, hyper: Mapping[str, Mapping[str, float]],
+               then: Callable[[str, Mapping[str, Any]], list[tuple[str, Callable[[], Any]]]]) -> list[tuple[str, Any]]:
+    """The four arms of a seed trained with `hyper`, as jobs; each job's point goes to then(arm, point), whose jobs
+    (the arm's evaluation) are queued next."""
     stage = _Stage(s.root)
 
     def sft_job():
@@ -409,9 +413,9 @@ class Study:
       return self._ppo_run(s, arm, hyper[arm]["learning_rate"], int(hyper[arm]["steps"]), validate=False,
                            tag="final")["points"][-1]
 
-    jobs = [(arm, (lambda arm=arm: stage.run(f"arm_{arm}", lambda: ppo_job(arm)))) for arm in ("ppo", "ppo_seq")]
-    jobs += [("rft", lambda: stage.run("arm_rft", rft_job)), ("sft", lambda: stage.run("arm_sft", sft_job))]
-    return _pool(jobs, workers=self.workers)
+    fns = {"ppo": lambda: ppo_job("ppo"), "ppo_seq": lambda: ppo_job("ppo_seq"), "rft": rft_job, "sft": sft_job}
+    return [(f"{s.seed}/arm_{arm}", lambda arm=arm: ("then", then(arm, stage.run(f"arm_{arm}", fns[arm]))))
+            for arm in ("ppo", "ppo_seq", "rft", "sft")]
 
   # ---- evaluation --------------------------------------------------------------------------------------------------
   def evaluate(self, s: _Seed, policies: Mapping[str, str]) -> dict[str, Any]:
@@ -419,7 +423,7 @@ class Study:
     eval/samples_<policy>_<decoding>.jsonl and returns the sample lists and entropies."""
     ev = self.evaluation
     out_dir = os.path.join(s.root, "eval")
-    os.makedirs(out_dir, exist_ok=True)
+    path_lib.makedirs(out_dir)
     decodings = {"sampled": (ev.temperature, ev.samples_per_prompt)}
     if ev.greedy:
       decodings["greedy"] = (0.0, 1)
@@ -432,9 +436,11 @@ class Study:
         path = os.path.join(out_dir, f"samples_{name}_{dec}.jsonl")
         ent_path = os.path.join(out_dir, f"entropy_{name}_{dec}.npy")
         facts_path = os.path.join(out_dir, f"eval_{name}_{dec}.json")
-        if all(os.path.exists(p) for p in (path, ent_path, facts_path)):
-          with open(facts_path) as f:
-            results[name, dec] = {"samples": task_lib.read_jsonl(path), "entropies": np.load(ent_path), **json.load(f)}
+        if all(path_lib.exists(p) for p in (path, ent_path, facts_path)):
+          with path_lib.open_file(ent_path, "rb") as f:
+            entropies = np.load(f)
+          results[name, dec] = {"samples": task_lib.read_jsonl(path), "entropies": entropies,
+                                **json.loads(path_lib.read_text(facts_path))}
           continue
         start = time.perf_counter()
         res = eval_lib.evaluate_policy(cfg=cfg, params=params, tokenizer=tok, rows=s.test_rows, judge=self.judge,
@@ -446,10 +452,12 @@ class Study:
           smp["split"] = s.test_rows[smp["prompt_index"]]["split"]
         judge_lib.add_rm_verdicts(rm, tok, samples, max_prompt_len=self.ppo.rollout.max_prompt_len)
         facts = {"seconds": round(time.perf_counter() - start, 2), "generated_tokens": res.speed["generated_tokens"]}
-        np.save(ent_path, res.entropies)
-        eval_lib.write_samples(path, samples)
-        with open(facts_path, "w") as f:
-          json.dump(facts, f)
+        if parallel.is_main_process():
+          with path_lib.open_file(ent_path, "wb") as f:
+            np.save(f, res.entropies)
+          eval_lib.write_samples(path, samples)
+          path_lib.write_text(facts_path, json.dumps(facts))
+        parallel.barrier(f"study eval {path}")
         results[name, dec] = {"samples": samples, "entropies": res.entropies, **facts}
     return results
 
@@ -478,17 +486,16 @@ def _fingerprint(workdir: str, config: Mapping[str, Any]) -> None:
   its finished stages would be reused."""
   path = os.path.join(workdir, "study_config.json")
   now = json.loads(json.dumps(config, default=repr, sort_keys=True))
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+  if path_lib.exists(path):
+    old = json.loads(path_lib.read_text(path))
     if old != now:
       diff = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
       raise CotsafeError(f"{path}: this workdir holds a run of another configuration (differs in {', '.join(diff)}); "
                          "expected the same configuration to resume, or a new --workdir")
     return
   if parallel.is_main_process():
-    with open(path, "w") as f:
-      json.dump(now, f, indent=2)
+    path_lib.write_text(path, json.dumps(now, indent=2))
+  parallel.barrier("study config")
 
 
 def _free(points: Mapping[str, Any]) -> dict[str, Any]:
@@ -512,7 +519,9 @@ def run_study(*, workdir: str, seeds: Sequence[int], task: task_lib.TaskConfig, 
     raise CotsafeError(f"study: vocab_size={vocab_size}, policy {policy.vocab_size}, RM {rm_backbone.vocab_size}: "
                        "expected the tokenizer's vocabulary in both models")
   mesh = mesh if mesh is not None else parallel.make_mesh()
-  os.makedirs(workdir, exist_ok=True)
+  path_lib.makedirs(workdir)
+  # with several processes every program spans all of them and must be launched in the same order: one worker
+  workers = workers if jax.process_count() == 1 else 1
   _fingerprint(workdir, {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in dict(
       task=task, policy=policy, rm_backbone=rm_backbone, warm=warm, rm=rm, sft=sft, rft=rft, ppo=ppo, tuning=tuning,
       evaluation=evaluation, vocab_size=vocab_size).items()})
@@ -524,36 +533,60 @@ def run_study(*, workdir: str, seeds: Sequence[int], task: task_lib.TaskConfig, 
   hyper: dict[str, dict[str, float]] | None = None if tuning.fixed is None else {
       a: {"learning_rate": float(v["learning_rate"]), "steps": int(v["steps"])} for a, v in tuning.fixed.items()}
   tuning_record: dict[str, Any] = {"fixed": tuning.fixed is not None}
-  per_seed: dict[int, dict[str, Any]] = {}
-  evals: dict[int, dict[Any, Any]] = {}
+  S = {seed: study.data(seed) for seed in seeds}
+  _say(f"warm starts and safety RMs of seeds {list(seeds)}")
+  pre = _pool([j for seed in seeds for j in study.pre_jobs(S[seed])], workers=study.workers)
+  for seed, s in S.items():
+    s.warm_dir, s.rm_dir = pre[f"{seed}/warm_start"]["hf_dir"], pre[f"{seed}/safety_rm"]["export_dir"]
+  arms: dict[int, dict[str, Any]] = {seed: {} for seed in seeds}
+  evals: dict[int, dict[Any, Any]] = {seed: {} for seed in seeds}
+  if hyper is None:
+    s0 = S[seeds[0]]
+    _say(f"seed {s0.seed}: tuning every arm on the validation split")
+    tuned = study.tune_and_train(s0, extra=[(f"{sd}/rft_data", lambda sd=sd: study.rft_data(S[sd]))
+                                             for sd in seeds[1:]])
+    hyper = {a: {"learning_rate": p["learning_rate"], "steps": p["steps"]} for a, p in tuned["chosen"].items()}
+    tuning_record.update(seed=s0.seed, chosen=hyper, base_val=tuned["base_val"],
+                         runs={a: [_free(p) for p in ps] for a, ps in tuned["runs"].items()})
+    arms[s0.seed] = dict(tuned["chosen"])
+  chosen = ", ".join(f"{a} lr {h['learning_rate']:g} x {h['steps']}" for a, h in hyper.items())
+  _say(f"training the arms ({chosen}) and evaluating {', '.join(POLICIES)}")
+  lock = threading.Lock()
+
+  def eval_job(seed: int, name: str, hf_dir: str) -> tuple[str, Callable[[], Any]]:
+    def fn():
+      out = study.evaluate(S[seed], {name: hf_dir})
+      with lock:
+        evals[seed].update(out)
+      return {}
+    return f"{seed}/eval_{name}", fn
+
+  def then(seed: int):
+    def after(arm: str, point: Mapping[str, Any]):
+      with lock:
+        arms[seed][arm] = point
+      return [eval_job(seed, arm, point["hf_dir"])]
+    return after
+
+  jobs: list[tuple[str, Callable[[], Any]]] = []  # the longest first: arms, then the evaluations they queue
   for seed in seeds:
-    seed_t0 = time.perf_counter()
-    _say(f"seed {seed}: data")
-    s = study.data(seed)
-    _say(f"seed {seed}: warm start and safety RM")
-    pre = study.warm_and_rm(s)
-    if hyper is None:
-      _say(f"seed {seed}: tuning every arm on the validation split")
-      tuned = study.tune_and_train(s)
-      hyper = {a: {"learning_rate": p["learning_rate"], "steps": p["steps"]} for a, p in tuned["chosen"].items()}
-      tuning_record.update(seed=seed, chosen=hyper, base_val=tuned["base_val"],
-                           runs={a: [_free(p) for p in ps] for a, ps in tuned["runs"].items()})
-      arms = tuned["chosen"]
+    if arms[seed]:
+      jobs += [eval_job(seed, a, arms[seed][a]["hf_dir"]) for a in ARMS]
     else:
-      chosen = ", ".join(f"{a} lr {h['learning_rate']:g} x {h['steps']}" for a, h in hyper.items())
-      _say(f"seed {seed}: training the arms ({chosen})")
-      arms = study.train_arms(s, hyper)
-    _say(f"seed {seed}: evaluating {', '.join(POLICIES)}")
-    policies = {"base": s.warm_dir, **{a: arms[a]["hf_dir"] for a in ARMS}}
-    evals[seed] = study.evaluate(s, policies)
+      jobs += study.arm_jobs(S[seed], hyper, then(seed))
+  jobs += [eval_job(seed, "base", S[seed].warm_dir) for seed in seeds]
+  _pool(jobs, workers=study.workers)
+  per_seed: dict[int, dict[str, Any]] = {}
+  for seed, s in S.items():
     rft_facts = study.rft_data(s)
     data_facts = _Stage(s.root).run("data", lambda: {})
-    per_seed[seed] = {"arms": {a: _free(arms[a]) for a in ARMS}, "rft_data": {k: v for k, v in rft_facts.items()
-                                                                                if k != "path"},
-                      "rm_eval": {k: v for k, v in pre["safety_rm"].items() if k.startswith(("token_", "seq", "auroc"))},
-                      "warm_start": {k: v for k, v in pre["warm_start"].items() if k != "hf_dir"},
+    rm_facts, warm_facts = pre[f"{seed}/safety_rm"], pre[f"{seed}/warm_start"]
+    per_seed[seed] = {"arms": {a: _free(arms[seed][a]) for a in ARMS},
+                      "rft_data": {k: v for k, v in rft_facts.items() if k != "path"},
+                      "rm_eval": {k: v for k, v in rm_facts.items() if k.startswith(("token_", "seq", "auroc"))},
+                      "warm_start": {k: v for k, v in warm_facts.items() if k != "hf_dir"},
                       "data": {k: data_facts[k] for k in ("describe", "heldout_check", "near_duplicates")},
-                      "paths": {**s.paths, "rft": rft_facts["path"]}, "seconds": round(time.perf_counter() - seed_t0, 1)}
+                      "paths": {**s.paths, "rft": rft_facts["path"]}}
   info = {"seeds": list(seeds), "total_s": round(time.perf_counter() - t0, 1),
           "process_cpu_s": round(time.process_time() - cpu0, 1), "load_before": load_before,
           "load_after": [round(x, 2) for x in os.getloadavg()], "load_1min": monitor.stop(),
@@ -565,8 +598,7 @@ def run_study(*, workdir: str, seeds: Sequence[int], task: task_lib.TaskConfig, 
   entropies = {p: np.concatenate([evals[sd][p, "sampled"]["entropies"] for sd in seeds]) for p in POLICIES}
   table = eval_lib.write_report(workdir, summary, curves=curves or None, entropies=entropies, notes=notes, title=title)
   if parallel.is_main_process():
-    with open(os.path.join(workdir, "study_info.json"), "w") as f:
-      json.dump(info, f, indent=2, default=float)
+    path_lib.write_text(os.path.join(workdir, "study_info.json"), json.dumps(info, indent=2, default=float))
     print(notes[0] if notes else table)
     print(f"study: total {info['total_s']:.0f} s wall, {info['process_cpu_s']:.0f} s CPU, load {load_before} -> "
           f"{info['load_after']} on {info['cpus']} CPUs")

@@ -14,6 +14,7 @@ import random
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
+from cotsafe_jax import parallel, paths as paths_lib
 from cotsafe_jax.data import synthetic
 from cotsafe_jax.data.bpe import train_tokenizer
 from cotsafe_jax.errors import CotsafeError
@@ -584,27 +585,28 @@ TASK_FILES = {"train_prompts": "train_prompts.jsonl", "val_prompts": "val_prompt
 
 
 def write_jsonl(path: str, rows: Iterable[Mapping[str, Any]]) -> str:
-  """Rows as JSON lines, written atomically."""
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
+  """Rows as JSON lines, written whole by process 0 (atomically on a local disk); every process waits for it."""
+  text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+  if parallel.is_main_process():
+    paths_lib.write_text(path, text)
+  parallel.barrier(f"study {path}")  # the other processes read it next
   return path
 
 
 def read_jsonl(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in paths_lib.read_text(path).splitlines() if line.strip()]
 
 
 def write_task(task: StudyTask, out_dir: str, *, vocab_size: int = 576) -> dict[str, str]:
   """The rows as jsonl and a tokenizer trained on the training texts, under out_dir; returns the paths."""
-  os.makedirs(out_dir, exist_ok=True)
+  paths_lib.makedirs(out_dir)
   paths = {field: write_jsonl(os.path.join(out_dir, name), getattr(task, field)) for field, name in TASK_FILES.items()}
   texts = [r["prompt"] for r in task.train_prompts] + [r[k] for rows in (task.warm_start, task.sft_safe, task.rm_spans)
                                                        for r in rows for k in ("prompt", "response")]
-  paths["tokenizer"] = train_tokenizer(texts=texts, out_dir=os.path.join(out_dir, "tokenizer"), vocab_size=vocab_size)
+  paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
+  if parallel.is_main_process():  # one writer; the task is the same on every process (seeded)
+    train_tokenizer(texts=texts, out_dir=paths["tokenizer"], vocab_size=vocab_size)
+  parallel.barrier(f"study tokenizer {out_dir}")
   return paths
 
 

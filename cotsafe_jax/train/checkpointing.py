@@ -1,14 +1,19 @@
 """Orbax checkpoints of a whole run: train state (params, optimizer states, step, rng, controllers) plus the
 data pipeline position and small JSON extras, with interval, max_to_keep and async save.
+
+Multi-process: every process calls save / restore together; orbax writes each array's shards from the process
+that holds them and the JSON items and metadata from process 0. A checkpoint restores under any number of
+processes and any mesh (the target's shardings decide where each shard goes). The directory may be a local
+path or a gs:// URL (orbax writes there through TensorStore).
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from cotsafe_jax import paths
 from cotsafe_jax.errors import CotsafeError
 
 
@@ -45,7 +50,7 @@ class Checkpointer:
                async_save: bool = True):
     if save_interval_steps < 1:
       raise CotsafeError(f"checkpointing: save_interval_steps={save_interval_steps} must be >= 1")
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.resolve(directory)  # absolute when local; a gs:// URL as it is
     options = ocp.CheckpointManagerOptions(save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
                                            enable_async_checkpointing=async_save, create=True,
                                            cleanup_tmp_directories=True)
@@ -68,7 +73,7 @@ class Checkpointer:
     A checkpoint whose tree or shapes differ from `target` (another model, optimizer or run config) is a
     CotsafeError naming the step dir and, where it can, the first differing array.
     """
-    where = os.path.join(self.directory, str(step))
+    where = paths.join(self.directory, str(step))
 
     def error(detail: str) -> CotsafeError:
       return CotsafeError(f"{where}: checkpoint does not fit this run's state ({detail}), expected a checkpoint "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,6 @@ import optax
 from jax.sharding import Mesh
 
 from cotsafe_jax import models
-from cotsafe_jax.models import heads
 from cotsafe_jax.parallel import mesh as mesh_lib
 from cotsafe_jax.rl import controllers, ppo as ppo_lib
 from cotsafe_jax.rollout import sampler
@@ -158,15 +157,6 @@ class PPOPrograms:
     if self.ppo.lagrangian is not None:
       x.update(cost_bt=bt(), cost_values_bt=bt(), cost_bootstrap_b=b(), lam=scalar)
     return x
-    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-    return {
-        "generate": (state.policy, sds((rows, p), jnp.int32, prompt_sh), sds((rows, p), jnp.bool_, prompt_sh),
-                     sds(key.shape, key.dtype, self.replicated)),
-        "score": (state.policy, ref, state.critic, rollout),
-        "advantage": (f32(), sds((rows, t), jnp.bool_, self.bt_sharding), f32(), f32(), f32(), scalar, f32(),
-                      scalar),
-        "update": (state, minibatch, scalar),
-    }
 
 
 def _with_shardings(shapes: Any, shardings: Any) -> Any:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cotsafe_jax import models, parallel, rollout as rollout_lib
-from cotsafe_jax.data import pipeline as pipeline_lib, sources
+from cotsafe_jax.data import mixture as mixture_lib
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.rewards.base import RewardBatch, RewardFn
 from cotsafe_jax.rl import controllers, ppo as ppo_lib
@@ -186,10 +185,10 @@ def _user_text(row: Mapping[str, Any]) -> str:
 
 
 def _host(x) -> np.ndarray:
-  return np.asarray(jax.device_get(x))
+  return parallel.to_host(x)  # all-gathered when the array's shards live on several processes
 
 
-def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, ppo: ppo_lib.PPOConfig,
+def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: Any, ppo: ppo_lib.PPOConfig,
           rollout: RolloutConfig, optim: OptimConfig, num_steps: int, prompts_per_step: int,
           critic_optim: OptimConfig | None = None, critic_hf_dir: str | None = None,
           mixture: Mapping[str, float] | None = None, prompt_columns: Any = None, on_bad_row: str = "raise",
@@ -216,8 +215,13 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
   eos = stop_ids(tok, cfg)
   rows_per_step = check_batch_sizes(prompts_per_step=prompts_per_step, samples_per_prompt=rollout.samples_per_prompt,
                                     ppo=ppo, mesh=mesh)
-  loaded = sources.load_prompts(prompts, columns=prompt_columns, on_bad_row=on_bad_row)
-  data_it = pipeline_lib.make_pipeline(loaded.rows, batch_size=prompts_per_step, seed=seed, mixture=mixture)
+  # prompts: one file, a list of data.Source (mixed by weight), or a data.TrainingData (e.g. decontaminated)
+  loaded = mixture_lib.training_data(prompts, schema="prompts", columns=prompt_columns, on_bad_row=on_bad_row,
+                                     seed=seed, job="ppo_train")
+  # every process holds the whole batch of prompts (and so computes the rewards of the global batch) and places
+  # its own devices' rows of it (parallel.global_array)
+  data_it = loaded.make_pipeline(batch_size=prompts_per_step, seed=seed, mixture=mixture, process_index=0,
+                                 process_count=1)
 
   critic_cfg = backbone = None
   if ppo.uses_critic:
@@ -264,8 +268,8 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
   history: list[dict[str, float]] = []
   num_truncated = int(extra.get("num_truncated", 0))
   with _StopFlag() as stop, logger:
-    step = start
-    while step < num_steps and not stop.requested:
+    step, stopped = start, False
+    while step < num_steps and not stopped:
       rows = next(data_it)
       with logger.phase("rollout"):
         prompt_bp, pmask_bp, n_trunc = encode_prompts(tok, rows, max_prompt_len=rollout.max_prompt_len,
@@ -276,16 +280,16 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
         rows_b = [r for r in rows for _ in range(n)]
         rng, gen_rng, perm_rng = jax.random.split(state.rng, 3)
         state = state.replace(rng=jax.device_put(rng, replicated))
-        gen = rollout_lib.generate(cfg, state.policy, jax.device_put(prompt_bp, bt_sharding),
-                                   jax.device_put(pmask_bp, bt_sharding), rng=gen_rng, max_new_tokens=t,
+        gen = rollout_lib.generate(cfg, state.policy, parallel.global_array(prompt_bp, bt_sharding),
+                                   parallel.global_array(pmask_bp, bt_sharding), rng=gen_rng, max_new_tokens=t,
                                    temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p,
                                    eos_ids=eos, pad_id=pad_id, buckets=(rollout.max_prompt_len,),
                                    cache_phases=rollout.cache_phases, mesh=mesh)
         comp_bt, cmask_bt = _host(gen.tokens_bt), _host(gen.mask_bt)
       with logger.phase("score"):
-        batch = Rollout(tokens_bs=jax.device_put(np.concatenate([prompt_bp, comp_bt], 1), bt_sharding),
-                        mask_bs=jax.device_put(np.concatenate([pmask_bp, cmask_bt], 1), bt_sharding),
-                        completion_mask_bt=jax.device_put(cmask_bt, bt_sharding))
+        batch = Rollout(tokens_bs=parallel.global_array(np.concatenate([prompt_bp, comp_bt], 1), bt_sharding),
+                        mask_bs=parallel.global_array(np.concatenate([pmask_bp, cmask_bt], 1), bt_sharding),
+                        completion_mask_bt=parallel.global_array(cmask_bt, bt_sharding))
         scored = score_step(state.policy, reference, state.critic, batch)
         finished_b = _host(gen.finished_b)
         rb = RewardBatch.from_tokens(tokenizer=tok, prompt_tokens_bp=prompt_bp, prompt_mask_bp=pmask_bp,
@@ -295,7 +299,7 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
                                      prompts=[_user_text(r) for r in rows_b], finished_b=finished_b)
         rewards = reward(rb)
         kl_coef = float(state.kl.beta) if state.kl is not None else ppo.kl_coef
-        put = lambda x: jax.device_put(np.asarray(x), bt_sharding if np.ndim(x) == 2 else b_sharding)  # noqa
+        put = lambda x: parallel.global_array(np.asarray(x), bt_sharding if np.ndim(x) == 2 else b_sharding)  # noqa
         x = {"mask_bt": batch.completion_mask_bt, "old_logp_bt": scored["old_logp_bt"],
              "ref_logp_bt": scored["ref_logp_bt"], "sampler_logp_bt": gen.logprobs_bt,
              "values_bt": scored["values_bt"], "bootstrap_b": scored["bootstrap_b"], "finished_b": put(finished_b),
@@ -386,8 +390,8 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: str, p
         logger.write_samples(step, [
             {"prompt": rb.prompts[i], "kind": rb.kinds[i], "response": rb.completions[i],
              "reward": float(reward_seq[i])} for i in range(min(num_logged_samples, len(rows_b)))])
-      ckpt.save(step, state, data=data_it.get_state(), extra=save_extra(),
-                force=stop.requested or step == num_steps)
+      stopped = parallel.any_process(stop.requested)  # a signal to any process stops all after this step
+      ckpt.save(step, state, data=data_it.get_state(), extra=save_extra(), force=stopped or step == num_steps)
     if ckpt.latest_step() != step:  # a stop request may have come after this step's save call
       ckpt.save(step, state, data=data_it.get_state(), extra=save_extra(), force=True)
     ckpt.close()

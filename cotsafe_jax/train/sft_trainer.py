@@ -20,9 +20,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from cotsafe_jax import kernels, models, parallel
-from cotsafe_jax.data.pipeline import make_pipeline
-from cotsafe_jax.data.sources import load_sft
+from cotsafe_jax import kernels, models, parallel, paths
+from cotsafe_jax.data import mixture as mixture_lib
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.models.tokenizer import THINK_CLOSE, THINK_OPEN
 from cotsafe_jax.parallel import mesh as mesh_lib
@@ -417,28 +416,28 @@ def _host_batch(examples: SFTExamples, rows: Sequence[Mapping[str, Any]]) -> dic
 
 def _write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
   if parallel.is_main_process():
-    tmp = os.path.join(workdir, "summary.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(summary, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, "summary.json"))
+    paths.write_text(paths.join(workdir, "summary.json"), json.dumps(summary, indent=2))
 
 
-def sft_train(*, workdir: str, data: str, config: SFTConfig, model: models.ModelConfig | None = None,
+def sft_train(*, workdir: str, data: Any, config: SFTConfig, model: models.ModelConfig | None = None,
               hf_dir: str | None = None, tokenizer_dir: str | None = None, init_from: str | None = None,
               columns: Mapping[str, str] | str | None = None, split: str | None = None,
               data_dir: str | None = None, on_bad_row: str = "error", mesh: Mesh | None = None,
               save_interval_steps: int = 500, max_to_keep: int | None = 2, async_checkpoint: bool = True,
               export_hf: bool = True, export_dtype: str | None = None,
-              max_nonfinite_steps: int = 3) -> dict[str, Any]:
-  """Fine-tune a decoder on SFT rows (DATA.md: `messages`, or `prompt` + `response`); returns final metrics
+              max_nonfinite_steps: int = 3, step_callback: Any = None) -> dict[str, Any]:
+  """Fine-tune a decoder on SFT rows (docs/data.md: `messages`, or `prompt` + `response`); returns final metrics
   and paths.
 
   The model: `model` (a ModelConfig, random init from config.seed) or `hf_dir` (a local HF checkpoint);
   `init_from` (an HF dir, e.g. an earlier stage's export) supplies the starting weights instead, and the
   architecture too when neither is set. The tokenizer comes from tokenizer_dir, else hf_dir, else init_from.
-  mesh: default all devices data-parallel. Resumes from the newest checkpoint in workdir/checkpoints with the
-  same batches; SIGTERM / SIGINT finish the step, save and return (stopped_early=True). At the end the params
-  are saved as an HF dir in workdir/hf (export_dtype: default float32) with the tokenizer.
+  mesh: default make_mesh() (every device on fsdp). Resumes from the newest checkpoint in workdir/checkpoints
+  with the same batches; SIGTERM / SIGINT finish the step, save and return (stopped_early=True). At the end the
+  params are saved as an HF dir in workdir/hf (export_dtype: default float32) with the tokenizer.
+  data: one file or dataset dir (columns / split / data_dir apply to it), a list of data.Source (mixed by
+  weight), or a data.TrainingData. step_callback(step, cfg, params, tokenizer) -> dict of extra metrics (e.g.
+  validation), called after each step; a step it returns metrics for is logged.
   """
   if on_bad_row not in ("error", "skip"):
     raise CotsafeError(f"sft_train: on_bad_row={on_bad_row!r}, expected 'error' or 'skip'")
@@ -454,8 +453,9 @@ def sft_train(*, workdir: str, data: str, config: SFTConfig, model: models.Model
   config = config.for_mesh(mesh.shape["data"] * mesh.shape["fsdp"])
   check_batch_size(config, mesh)
 
-  loaded = load_sft(data, columns=columns, split=split, data_dir=data_dir,
-                    on_bad_row="raise" if on_bad_row == "error" else "skip")
+  loaded = mixture_lib.training_data(data, schema="sft", columns=columns, split=split, data_dir=data_dir,
+                                     on_bad_row="raise" if on_bad_row == "error" else "skip", seed=config.seed,
+                                     job="sft_train")
   examples = encode_rows(tokenizer, loaded.rows, max_len=config.max_len, truncate=config.truncate,
                          source=loaded.source)
   if examples.num_truncated:
@@ -468,8 +468,8 @@ def sft_train(*, workdir: str, data: str, config: SFTConfig, model: models.Model
     if num_steps < 1:
       raise CotsafeError(f"sft_train: {config.num_epochs} epochs of {len(loaded.rows)} rows make no batch of "
                          f"{config.batch_size}, expected batch_size <= num_epochs x rows")
-  pipeline = make_pipeline([{"_row": i, **r} for i, r in enumerate(loaded.rows)], batch_size=config.batch_size,
-                           seed=config.seed, num_epochs=config.num_epochs)
+  pipeline = loaded.make_pipeline(rows=[{"_row": i, **r} for i, r in enumerate(loaded.rows)],
+                                  batch_size=config.batch_size, seed=config.seed, num_epochs=config.num_epochs)
 
   # the constant schedule ignores the run length, so an extended rerun reuses the compiled step
   schedule_steps = num_steps if config.schedule == "cosine" else 1
@@ -482,7 +482,7 @@ def sft_train(*, workdir: str, data: str, config: SFTConfig, model: models.Model
   shardings = state_shardings(cfg, optimizer, mesh)
   batch_shardings = _batch_shardings(mesh, (config.batch_size, config.max_len))
 
-  workdir = os.path.abspath(workdir)
+  workdir = paths.resolve(workdir)  # absolute when local; a gs:// URL as it is
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=save_interval_steps,
                       max_to_keep=max_to_keep, async_save=async_checkpoint)
   start = ckpt.latest_step() or 0
@@ -534,7 +534,9 @@ def sft_train(*, workdir: str, data: str, config: SFTConfig, model: models.Model
         if guard.must_stop:
           logger.write(step, {**metrics, "lr": lr})
           raise guard.error(step)
-        if step % config.log_every == 0 or step == num_steps or metrics["guard/skipped"]:
+        extra_metrics = step_callback(step, cfg, state["params"], tokenizer) if step_callback is not None else None
+        metrics.update(extra_metrics or {})
+        if step % config.log_every == 0 or step == num_steps or metrics["guard/skipped"] or extra_metrics:
           last = logger.write(step, {**metrics, "lr": lr})
         stopped = step < num_steps and stop.any_process()
         ckpt.save(step, state, data=pipeline.get_state(), extra=extra(last), force=step == num_steps or stopped)

@@ -132,7 +132,8 @@ def test_errors():
       "make_pipeline: process_index=4, expected 0 <= it < 4")
   assert _error(_make, rows, batch_size=4, seed=-1) == "make_pipeline: seed=-1, expected seed >= 0"
   assert _error(_make, rows, batch_size=10, seed=0, mixture=MIX, num_epochs=2) == (
-      "make_pipeline: num_epochs=2, expected None or >= 1, and None with a mixture (mixed streams are endless)")
+      "make_pipeline: num_epochs=2, expected None or >= 1, and None with a mixture or source weights (mixed streams "
+      "are endless: set a number of steps)")
   assert _error(_make, rows, batch_size=10, seed=0, mixture={"harmful": 1, "benign": 1}) == (
       "make_pipeline: rows of kind reasoning have no mixture proportion, expected one for every kind in the "
       "rows (0 leaves a kind out)")
@@ -150,7 +151,7 @@ def test_errors():
   other = _make(rows, batch_size=10, seed=1, mixture=MIX)
   assert _error(it.set_state, other.get_state()) == (
       f"data position was saved by a different pipeline (fingerprint {other.fingerprint}, this one "
-      f"{it.fingerprint}), expected the same rows, seed, batch_size, mixture and num_epochs")
+      f"{it.fingerprint}), expected the same rows, seed, batch_size, mixture, weights and num_epochs")
   assert _error(it.set_state, {"step": -1}) == (
       "data position {'step': -1}, expected {'step': int >= 0, 'fingerprint': str}")
 

@@ -141,12 +141,16 @@ def test_public_set_presets(tmp_path):
   star = _write(tmp_path / "star.json", [{"id": 3, "question": "q", "response": "<think>\nr\n</think>\n\na",
                                           "category": "c", "source": "s", "score": 10}])
   assert sources.load_sft(star, columns="star1").rows == [
-      {"id": "3", "category": "c", "prompt": "q", "response": "<think>\nr\n</think>\n\na"}]
-  assert _error(sources.load_prompts, star, columns="star1") == (
-      "cotsafe_jax: column preset 'star1' is for sft rows, not prompts rows")
+      {"id": "3", "category": "c", "kind": "harmful", "prompt": "q", "response": "<think>\nr\n</think>\n\na"}]
+  # STAR-1's questions also serve as harmful PPO prompts (the response is dropped)
+  assert sources.load_prompts(star, columns="star1").rows == [
+      {"id": "3", "category": "c", "kind": "harmful", "prompt": "q"}]
+  assert _error(sources.load_prompts, gsm, columns="beavertails") == (
+      "cotsafe_jax: column preset 'beavertails' is for spans rows, not prompts rows")
   assert _error(sources.load_prompts, gsm, columns="gsm9k") == (
-      "cotsafe_jax: unknown column preset 'gsm9k', expected one of aime, gpqa, gsm8k, jailbreakbench, math500, "
-      "star1, strongreject, wildjailbreak, xstest")
+      "cotsafe_jax: unknown column preset 'gsm9k', expected one of aime, beavertails, gpqa, gsm8k, harmbench, "
+      "jailbreakbench, jailbreakbench_benign, math500, pku_saferlhf, safechain, sorrybench, star1, star41k, "
+      "strongreject, wildjailbreak, xstest")
   # AIME 2024 / 2025 files spell their fields capitalised
   aime24 = _write(tmp_path / "aime24.jsonl", [{"ID": "2024-I-1", "Problem": "p", "Solution": "s", "Answer": 204}])
   assert sources.load_prompts(aime24, columns="aime").rows == [
@@ -218,7 +222,7 @@ def test_sources_load_into_one_list_tagged_by_source(tmp_path):
   # the same type serves a training mixture of SFT rows
   star = _write(tmp_path / "star.json", [{"id": 3, "question": "q", "response": "r"}])
   sft = sources.load_sources([sources.Source(path=star, preset="star1", schema="sft")])
-  assert sft.rows == [{"id": "3", "prompt": "q", "response": "r", "source": "star1"}]
+  assert sft.rows == [{"id": "3", "kind": "harmful", "prompt": "q", "response": "r", "source": "star1"}]
 
 
 def test_source_errors(tmp_path):
@@ -227,11 +231,12 @@ def test_source_errors(tmp_path):
       "cotsafe_jax: Source('aime'): path=None, expected a local file, dataset dir or tfds:NAME")
   assert _error(sources.Source, path=path, preset="gsm8k", columns={"a": "prompt"}) == (
       "cotsafe_jax: Source('gsm8k'): both preset='gsm8k' and columns are set, expected one of them")
-  assert "unknown preset 'gsm9k', expected one of aime, gpqa" in _error(sources.Source, path=path, preset="gsm9k")
+  assert "unknown preset 'gsm9k', expected one of aime, beavertails, gpqa" in _error(sources.Source, path=path,
+                                                                                    preset="gsm9k")
   assert _error(sources.Source, path=path, kind="math") == (
       f"cotsafe_jax: Source({path!r}): kind='math', expected one of harmful|benign|reasoning")
   assert "max_rows=0, expected a positive int or None" in _error(sources.Source, path=path, max_rows=0)
-  assert "weight=-1.0, expected a finite number >= 0" in _error(sources.Source, path=path, weight=-1.0)
+  assert "weight=-1.0, expected a finite number >= 0 or None" in _error(sources.Source, path=path, weight=-1.0)
   assert "grader='essay', expected one of math|choice" in _error(sources.Source, path=path, grader="essay")
   assert _error(sources.load_sources, []) == "cotsafe_jax: load_sources: no sources, expected at least one Source"
   assert _error(sources.load_sources, [sources.Source(path=path), sources.Source(path=path)]) == (

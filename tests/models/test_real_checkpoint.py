@@ -198,7 +198,7 @@ def test_sft_train_two_steps(smollm2_dir, tmp_path):
   ])
   metrics = _launch(tmp_path / "sft", ["gin/base/sft.gin"], f"sft_train.hf_dir='{smollm2_dir}'",
                     f"sft_train.data='{data}'", "SFTConfig.num_steps=2", "SFTConfig.batch_size=2",
-                    "SFTConfig.max_len=96", "SFTConfig.compute_dtype='float32'", "SFTConfig.remat=False",
+                    "SFTConfig.max_len=96", "SFTConfig.compute_dtype='float32'", "SFTConfig.remat='none'",
                     "SFTConfig.log_every=1", "SFTConfig.learning_rate=1e-5", "SFTConfig.warmup_steps=0",
                     "sft_train.export_dtype='float32'")
   assert [m["step"] for m in metrics] == [1, 2]
@@ -221,7 +221,8 @@ def tiny_guard(smollm2_dir, tmp_path_factory):
 GUARD = ["load_guard_judge.template=@GuardTemplate()", "GuardTemplate.name='tiny_guard'",
          "GuardTemplate.text='User: {prompt}\\nAgent: {response}\\nVerdict:'",
          "GuardTemplate.unsafe_words=(' unsafe',)", "GuardTemplate.safe_words=(' safe',)",
-         "load_guard_judge.dtype='float32'", "load_guard_judge.max_len=256", "load_guard_judge.batch_size=4"]
+         "load_guard_judge.dtype='float32'", "load_guard_judge.max_len=256", "load_guard_judge.batch_size=4",
+         "load_guard_judge.window_tokens=96", "load_guard_judge.window_overlap=32", "load_guard_judge.context_tokens=64"]
 
 
 @pytest.mark.slow
@@ -248,8 +249,10 @@ def test_ppo_train_two_steps_with_a_stepwise_guard(smollm2_dir, tiny_guard, tmp_
 def test_evaluate(smollm2_dir, tmp_path):
   prompts = _write_jsonl(tmp_path / "prompts.jsonl", PROMPT_ROWS)
   _launch(tmp_path / "eval", [], "run.job=@evaluate", f"evaluate.hf_dir='{smollm2_dir}'",
-          f"evaluate.prompts='{prompts}'", "evaluate.judge=@RuleJudge()", "evaluate.max_new_tokens=24",
-          "evaluate.batch_size=2", "evaluate.max_prompt_len=64", "evaluate.dtype='float32'")
+          f"evaluate.prompts='{prompts}'", "evaluate.judge=@RuleJudge()", "evaluate.config=@EvalConfig()",
+          "EvalConfig.samples_per_prompt=1", "EvalConfig.temperature=0.0", "EvalConfig.max_new_tokens=24",
+          "EvalConfig.batch_size=2", "EvalConfig.max_prompt_len=64", "EvalConfig.prompt_buckets=(64,)",
+          "EvalConfig.num_resamples=0", "EvalConfig.progress=False", "evaluate.dtype='float32'")
   samples = [json.loads(l) for l in open(tmp_path / "eval" / "samples.jsonl")]
   assert [s["id"] for s in samples] == [r["id"] for r in PROMPT_ROWS]
   assert all(s["response"].strip() for s in samples)

@@ -1,4 +1,4 @@
-"""Chat template in thinking format and the reasoning / answer split (DATA.md)."""
+"""Chat template in thinking format and the reasoning / answer split (docs/data.md)."""
 import pytest
 
 from cotsafe_jax import models

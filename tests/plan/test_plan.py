@@ -210,21 +210,49 @@ def test_shipped_recipes_are_valid_on_8_32_and_64_devices():
   from cotsafe_jax import jobs  # noqa: F401  (registers the configurables)
   from cotsafe_jax.train import sft_trainer
   recipes = ["gin/experiments/r1_distill_qwen_1_5b_safety_ppo.gin", "gin/experiments/r1_distill_qwen_1_5b_safety_grpo.gin",
-             "gin/experiments/r1_distill_qwen_7b_safety_ppo.gin"]
-  for path in recipes + ["gin/base/sft.gin"]:
+             "gin/experiments/r1_distill_qwen_7b_safety_ppo.gin",
+             "gin/experiments/r1_distill_qwen_1_5b_safety_ppo_guard.gin"]
+  sft_recipes = ["gin/base/sft.gin", "gin/experiments/r1_distill_qwen_1_5b_star1_sft.gin"]
+  for path in recipes + sft_recipes + ["gin/experiments/safety_rm_beavertails_qwen2_5_0_5b.gin"]:
     gin.clear_config()
     gin.add_config_file_search_path(ROOT)
     try:
-      gin.parse_config_files_and_bindings([os.path.join(ROOT, path)], ["SFTConfig.num_steps = 1"],
+      gin.parse_config_files_and_bindings([os.path.join(ROOT, path)],
+                                          ["SFTConfig.num_steps = 1"] if path == "gin/base/sft.gin" else [],
                                           finalize_config=False)
       for devices in (8, 32, 64):
         mesh = type("Mesh", (), {"shape": {"data": 1, "fsdp": devices, "tensor": 1}})()
-        if path.endswith("sft.gin"):
+        if path in sft_recipes:
           sft = gin.get_configurable("SFTConfig")().for_mesh(devices)
           sft_trainer.check_batch_size(sft, mesh)
           continue
+        if "safety_rm" in path:
+          assert gin.query_parameter("train_safety_rm.batch_size") % devices == 0, (path, devices)
+          continue
+        if path.endswith("_guard.gin"):  # validation batches divide over the devices too
+          assert gin.get_configurable("val/EvalConfig")().batch_size % devices == 0, (path, devices)
         rows = gin.query_parameter("%PROMPTS_PER_STEP") * gin.get_configurable("RolloutConfig")().samples_per_prompt
         ppo = gin.get_configurable("PPOConfig")().for_mesh(rows=rows, shards=devices)
         ppo_programs.check_batch_sizes(rows=rows, ppo=ppo, mesh=mesh)
     finally:
       gin.clear_config()
+
+
+@pytest.mark.slow  # minutes (GPU targets) to half an hour (7B on v5p-64) of compiling each on 2 cores
+@pytest.mark.parametrize("name", PLAN_GINS)
+def test_each_shipped_plan_fits_at_full_size(name, tmp_path):
+  """The shipped plan as a user runs it (benchmarks/plans.py commits the same runs): every program compiled for
+  the real target at the real shapes fits with the reserve kept free, and the plan's peaks add up."""
+  cmd = [sys.executable, os.path.join(ROOT, "launch", "tpu_run.py"), f"--gin_file=gin/plan/{name}",
+         f"--workdir={tmp_path}"]
+  res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert res.returncode == 0, res.stderr[-2000:]
+  saved = json.loads((tmp_path / "plan.json").read_text())
+  assert saved["fits"] and set(saved["programs"]) == set(planner.ALL_PROGRAMS)
+  assert saved["reserve_fraction"] == 0.1
+  assert saved["usable_bytes_per_device"] == pytest.approx(0.9 * saved["hbm_bytes_per_device"], abs=1)
+  for prog, p in saved["programs"].items():
+    assert p["fits"] and p["peak_bytes"] <= saved["usable_bytes_per_device"], prog
+    assert p["peak_bytes"] == (p["resident_outside_bytes"] + p["argument_bytes"] + p["output_bytes"]
+                               - p["alias_bytes"] + p["temp_bytes"]), prog

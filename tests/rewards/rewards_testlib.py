@@ -36,7 +36,7 @@ def _fill(rng: random.Random, template: str) -> str:
 
 
 def span_row(rng: random.Random, *, p_unsafe: float = 0.5, label_only: bool = False) -> dict:
-  """One DATA.md safety-span row; `unsafe_spans` are the exact character ranges of the unsafe steps."""
+  """One docs/data.md safety-span row; `unsafe_spans` are the exact character ranges of the unsafe steps."""
   parts, spans = ["<think>\n"], []
   n_steps = rng.randint(2, 4)
   unsafe_row = rng.random() < p_unsafe

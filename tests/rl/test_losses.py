@@ -113,7 +113,7 @@ def _value_loop(v, v_old, ret, eps):
       continue
     vc = float(v_old[idx]) + min(max(float(v[idx]) - float(v_old[idx]), -eps), eps)
     l2 = (vc - float(ret[idx])) ** 2
-    out[idx], clipped[idx] = max(l1, l2), l2 > l1
+    out[idx], clipped[idx] = max(l1, l2), abs(float(v[idx]) - float(v_old[idx])) > eps and l2 > l1
   return out, clipped
 
 
