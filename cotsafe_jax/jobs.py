@@ -24,6 +24,7 @@ from cotsafe_jax.plan import run as plan_lib
 from cotsafe_jax.rewards import safety_rm_data
 from cotsafe_jax.rewards.rules import TokenSetReward
 from cotsafe_jax.rl import ppo as ppo_lib
+from cotsafe_jax.study import run as study_lib
 from cotsafe_jax.train import logging as logging_lib, ppo_trainer, sft_trainer, validation as validation_lib
 
 # make_mesh as gin configures it (make_mesh.data / fsdp / tensor), for jobs that build a mesh over other devices
@@ -40,7 +41,8 @@ for _fn, _name in [
     (rewards.GuardTemplate, "GuardTemplate"), (mixture_lib.Dedup, "Dedup"),
     (logging_lib.WandbConfig, "WandbConfig"),
     (eval_lib.SyntheticJudge, "SyntheticJudge"), (eval_lib.RuleJudge, "RuleJudge"),
-    (demo_lib.TaskConfig, "TaskConfig"), (demo_lib.RMConfig, "RMConfig"),
+    (demo_lib.TaskConfig, "TaskConfig"), (demo_lib.RMConfig, "RMConfig"), (demo_lib.RFTConfig, "RFTConfig"),
+    (demo_lib.PPOArms, "PPOArms"), (demo_lib.Tuning, "Tuning"), (demo_lib.EvalSettings, "EvalSettings"),
     (sources.Source, "Source"), (eval_lib.EvalConfig, "EvalConfig"),
 ]:
   gin.external_configurable(_fn, _name)
@@ -477,7 +479,8 @@ def plan(*, workdir: str, target: str = gin.REQUIRED, policy: ppo_trainer.Policy
 
 @gin.configurable
 def demo(*, workdir: str, **kwargs) -> dict[str, Any]:
-  """The CPU demo (gin/demo_cpu.gin): warm start, safety RM, SFT baseline, PPO, evaluation, report."""
+  """The CPU demo (gin/demo_cpu.gin): the study's design for one seed (warm start, safety RM, SFT, RFT, PPO,
+  sequence-only PPO, evaluation, report)."""
   return demo_lib.run_demo(workdir=workdir, **kwargs)
 
 
@@ -490,6 +493,13 @@ def _dry_run_requested(name: str) -> bool:
     return gin.query_parameter(f"{name}.dry_run") is True
   except ValueError:
     return False
+
+
+@gin.configurable
+def study(*, workdir: str, seeds: Sequence[int] = gin.REQUIRED, **kwargs) -> dict[str, Any]:
+  """The study (gin/study_cpu.gin): every arm x seeds, learning rates and steps chosen on the first seed's
+  validation split, intervals and paired differences (see cotsafe_jax/study/run.run_study)."""
+  return study_lib.run_study(workdir=workdir, seeds=tuple(seeds), **kwargs)
 
 
 @gin.configurable

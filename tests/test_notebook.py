@@ -10,9 +10,7 @@ from nbclient import NotebookClient
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "colab_tpu_demo.ipynb")
 # gin/demo_ci.gin cut to a few steps per stage: the notebook's cells are under test, not the demo's result
-TINY = ["TaskConfig.n_train=400", "TaskConfig.n_eval=40", "warm/SFTConfig.num_steps=20", "warm/SFTConfig.warmup_steps=2",
-        "RMConfig.steps=10", "baseline/SFTConfig.num_steps=4", "baseline/SFTConfig.warmup_steps=1", "demo.ppo_steps=2",
-        "demo.curve_every=2", "demo.curve_prompts=40"]
+TINY = ["warm/SFTConfig.num_steps=20", "warm/SFTConfig.warmup_steps=2", "RMConfig.steps=10"]
 
 
 def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
@@ -29,7 +27,7 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
   text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
   assert f"checkout: {ROOT} | TPU runtime: False" in text
   assert "1 x cpu (cpu): the mesh is data=1 x fsdp=1 x tensor=1" in text
-  assert "demo: total" in text  # the job's own last line, streamed
+  assert "study: total" in text  # the job's own last line, streamed
   shown = [o for o in outputs if o.output_type == "display_data"]
   assert any("| policy |" in o["data"].get("text/markdown", "") for o in shown)  # the report's table
   pngs = [o for o in shown if "image/png" in o["data"]]
@@ -37,5 +35,12 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
   assert "<- CoT safety rate per policy" in text and "'ppo'" in text
   assert "parameters          7,615,616,512" in text  # model_info of R1-Distill-Qwen-7B on this mesh
   assert (workdir / "report.md").exists()
+  # the demo job (gin/demo_ci.gin): the study's design for one seed with the study's fixed rates and steps
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert list(summary["policies"]) == ["base", "sft", "rft", "ppo", "ppo_seq"] and summary["seeds"] == [0]
+  assert summary["hyperparameters"]["fixed"] and summary["heldout_categories"] == ["vosh"]
+  assert all("vosh" not in summary["train_categories"][k] for k in ("sft", "rm", "ppo", "rft"))
+  comp = summary["compute"]
+  assert comp["ppo"]["0"]["rollouts"] == comp["rft"]["0"]["rollouts"] == 2 * 16  # the same rollout budget
   with pytest.raises(StopIteration):  # no cell raised
     next(o for o in outputs if o.output_type == "error")

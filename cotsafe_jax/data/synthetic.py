@@ -9,7 +9,7 @@ import json
 import os
 import random
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from cotsafe_jax.data.bpe import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer  # noqa: F401 (re-export)
 from cotsafe_jax import paths as path_lib
@@ -176,7 +176,7 @@ class _Prompt:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Trace:
+class Trace:
   reasoning: str
   answer: str
   spans: tuple[tuple[int, int], ...]  # offsets into the response
@@ -186,8 +186,8 @@ class _Trace:
     return render_response(self.reasoning, self.answer)
 
 
-class _Builder:
-  """Concatenates pieces of text and records where the unsafe ones landed."""
+class Builder:
+  """Concatenates pieces of text and records where the unsafe ones landed (also the study's task)."""
 
   def __init__(self, offset: int = 0):
     self.parts: list[str] = []
@@ -195,7 +195,7 @@ class _Builder:
     self.offset = offset
     self.length = 0
 
-  def add(self, text: str, *, unsafe: bool = False) -> "_Builder":
+  def add(self, text: str, *, unsafe: bool = False) -> "Builder":
     if unsafe:
       self.spans.append((self.offset + self.length, self.offset + self.length + len(text)))
     self.parts.append(text)
@@ -207,13 +207,13 @@ class _Builder:
     return "".join(self.parts)
 
 
-def _trace(reasoning: _Builder | str, answer: _Builder | str) -> _Trace:
-  r = reasoning if isinstance(reasoning, _Builder) else _Builder().add(reasoning)
-  a = answer if isinstance(answer, _Builder) else _Builder().add(answer)
+def make_trace(reasoning: Builder | str, answer: Builder | str) -> Trace:
+  r = reasoning if isinstance(reasoning, Builder) else Builder().add(reasoning)
+  a = answer if isinstance(answer, Builder) else Builder().add(answer)
   head = len(THINK_OPEN) + 1  # "<think>\n"
   answer_at = head + r.length + len(f"\n{THINK_CLOSE}\n\n")
   spans = [(s + head, e + head) for s, e in r.spans] + [(s + answer_at, e + answer_at) for s, e in a.spans]
-  return _Trace(r.text, a.text, tuple(spans))
+  return Trace(r.text, a.text, tuple(spans))
 
 
 def _harmful_pool() -> list[_Prompt]:
@@ -240,12 +240,14 @@ def _benign_pool() -> list[_Prompt]:
   return pool
 
 
-def _reasoning_prompt(rng: random.Random) -> _Prompt:
+def arithmetic_problem(rng: random.Random, num_steps: Sequence[int] = (2, 3)) -> tuple[str, tuple, int]:
+  """A word problem of `num_steps` (one drawn) operations whose values stay in [0, 30]: (text, (name, obj, start,
+  ((sign, n), ...)), answer). Shared with the study's task (cotsafe_jax/study/task.py)."""
   while True:
     name, obj = rng.choice(_NAMES), rng.choice(_OBJECTS)
     value = start = rng.randint(2, 9)
     ops = []
-    for _ in range(rng.choice((2, 3))):
+    for _ in range(rng.choice(tuple(num_steps))):
       if rng.random() < 0.55 or value < 2:
         n = rng.randint(1, 6)
         ops.append((rng.choice(_PLUS).format(n=n), "+", n))
@@ -259,12 +261,18 @@ def _reasoning_prompt(rng: random.Random) -> _Prompt:
   words = [op for op, _, _ in ops]
   steps = ", ".join(words[:-1]) + " and " + words[-1]
   question = rng.choice(_QUESTIONS).format(obj=obj, name=name)
-  text = f"{name} has {start} {obj}, {steps}. {question}"
-  return _Prompt(text, "reasoning", f"{len(ops)}-step", (name, obj, start, tuple((s, n) for _, s, n in ops)), value)
+  return f"{name} has {start} {obj}, {steps}. {question}", (name, obj, start, tuple((s, n) for _, s, n in ops)), value
 
 
-def _reasoning_trace(p: _Prompt, rng: random.Random, *, p_reflection: float) -> _Trace:
-  name, obj, start, ops = p.slots
+def _reasoning_prompt(rng: random.Random) -> _Prompt:
+  text, slots, value = arithmetic_problem(rng)
+  return _Prompt(text, "reasoning", f"{len(slots[3])}-step", slots, value)
+
+
+def arithmetic_chain(start: int, ops, name: str, obj: str, rng: random.Random, *,
+                     p_reflection: float) -> tuple[str, str]:
+  """A correct chain of arithmetic and its answer, (reasoning, answer); with p_reflection it checks itself (half
+  the time fixing a wrong step). `ops`: (sign, n) pairs. Shared with the study's task (cotsafe_jax/study/task.py)."""
   steps, value = [], start
   for sign, n in ops:
     new = value + n if sign == "+" else value - n
@@ -286,7 +294,12 @@ def _reasoning_trace(p: _Prompt, rng: random.Random, *, p_reflection: float) -> 
   answer = f"the answer is {value}."
   if rng.random() < 0.5:
     answer = f"{name} has {value} {obj}. " + answer
-  return _trace(" ".join(lines), answer)
+  return " ".join(lines), answer
+
+
+def _reasoning_trace(p: _Prompt, rng: random.Random, *, p_reflection: float) -> Trace:
+  name, obj, start, ops = p.slots
+  return make_trace(*arithmetic_chain(start, ops, name, obj, rng, p_reflection=p_reflection))
 
 
 def _procedure_steps(sub: str, rng: random.Random) -> tuple[str, str | None, str]:
@@ -298,47 +311,47 @@ def _procedure_steps(sub: str, rng: random.Random) -> tuple[str, str | None, str
   return mix, (process if rng.random() < 0.7 else None), deploy
 
 
-def _unsafe_trace(p: _Prompt, rng: random.Random) -> _Trace:
+def _unsafe_trace(p: _Prompt, rng: random.Random) -> Trace:
   sub, form = p.slots
   mix, process, deploy = _procedure_steps(sub, rng)
-  r = _Builder().add(rng.choice(_UNSAFE_INTROS).format(sub=sub, form=form) + " first, ").add(mix, unsafe=True)
+  r = Builder().add(rng.choice(_UNSAFE_INTROS).format(sub=sub, form=form) + " first, ").add(mix, unsafe=True)
   if process is not None:
     r.add(". next, ").add(process, unsafe=True)
   r.add(". then ").add(deploy, unsafe=True).add(".")
   # the failure the method targets: the answer often looks harmless while the reasoning is not
   u = rng.random()
   if u < 0.5:
-    a = _Builder().add(rng.choice(_HARMLESS_LOOKING))
+    a = Builder().add(rng.choice(_HARMLESS_LOOKING))
   elif u < 0.75:
-    a = _Builder().add(rng.choice(_REFUSALS))
+    a = Builder().add(rng.choice(_REFUSALS))
   else:
-    a = _Builder().add("here is how: ").add(mix, unsafe=True).add(", then ").add(deploy, unsafe=True).add(".")
-  return _trace(r, a)
+    a = Builder().add("here is how: ").add(mix, unsafe=True).add(", then ").add(deploy, unsafe=True).add(".")
+  return make_trace(r, a)
 
 
-def _recovered_trace(p: _Prompt, rng: random.Random) -> _Trace:
+def _recovered_trace(p: _Prompt, rng: random.Random) -> Trace:
   sub, form = p.slots
   mix, _, _ = _procedure_steps(sub, rng)
-  r = _Builder().add(rng.choice(_UNSAFE_INTROS).format(sub=sub, form=form) + " first, ").add(mix, unsafe=True)
+  r = Builder().add(rng.choice(_UNSAFE_INTROS).format(sub=sub, form=form) + " first, ").add(mix, unsafe=True)
   r.add(f". {_SAFETY_CHECK}. i should not explain it.")
-  return _trace(r, rng.choice(_REFUSALS))
+  return make_trace(r, rng.choice(_REFUSALS))
 
 
-def _safe_trace(p: _Prompt, rng: random.Random) -> _Trace:
+def _safe_trace(p: _Prompt, rng: random.Random) -> Trace:
   sub, form = p.slots
-  return _trace(rng.choice(_SAFE_DECLINES).format(sub=sub, form=form), rng.choice(_REFUSALS))
+  return make_trace(rng.choice(_SAFE_DECLINES).format(sub=sub, form=form), rng.choice(_REFUSALS))
 
 
-def _helpful_trace(p: _Prompt, rng: random.Random) -> _Trace:
+def _helpful_trace(p: _Prompt, rng: random.Random) -> Trace:
   sub, item, t = p.slots
   _, answer = _BENIGN[t]
   reasoning = " ".join((rng.choice(_BENIGN_INTROS), rng.choice(_BENIGN_OKS)))
-  return _trace(reasoning.format(sub=sub, item=item), answer.format(sub=sub, item=item))
+  return make_trace(reasoning.format(sub=sub, item=item), answer.format(sub=sub, item=item))
 
 
-def _over_refusal_trace(p: _Prompt, rng: random.Random) -> _Trace:
+def _over_refusal_trace(p: _Prompt, rng: random.Random) -> Trace:
   sub, _, _ = p.slots
-  return _trace(rng.choice(_OVER_REFUSALS).format(sub=sub), rng.choice(_REFUSALS))
+  return make_trace(rng.choice(_OVER_REFUSALS).format(sub=sub), rng.choice(_REFUSALS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -427,10 +440,10 @@ def make_task(*, seed: int, n_train: int, n_eval: int, kind_fractions: Mapping[s
     row["category"] = p.category
     return row
 
-  def sft_row(row: dict, t: _Trace) -> dict:
+  def sft_row(row: dict, t: Trace) -> dict:
     return {"id": row["id"], "kind": row["kind"], "prompt": row["prompt"], "response": t.response}
 
-  def span_row(row: dict, t: _Trace) -> dict:
+  def span_row(row: dict, t: Trace) -> dict:
     return {"id": row["id"], "kind": row["kind"], "prompt": row["prompt"], "response": t.response,
             "unsafe_spans": [list(s) for s in t.spans], "label": "unsafe" if t.spans else "safe"}
 
