@@ -131,6 +131,7 @@ def test_tuning_on_seed_0_validation_and_the_report(run):
   m = s["policies"]["ppo"]["metrics"]["safety_rate_cot"]
   assert row.split("|")[2].strip() == f"{m['value']:.2f} [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}]"
   assert "| n (prompts) | 24 |" in md and "Paired differences" in md
+  assert "Intervals: 95% percentile bootstrap over seeds and, within each drawn seed, over test prompts" in md
 
 
 def test_rerun_resumes_and_another_config_is_refused(run):

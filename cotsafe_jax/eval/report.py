@@ -353,7 +353,10 @@ def write_report(workdir: str, summary: Mapping[str, Any], *,
     plots.append(("Entropy over reasoning tokens", "entropy.png"))
   if lengths and _plot_lengths(paths.join(workdir, "lengths.png"), lengths):
     plots.append(("Response and reasoning lengths", "lengths.png"))
-  md = [f"# {title}", "", table, "", _LEGEND, ""]
+  legend = _LEGEND
+  if isinstance(summary.get("intervals"), str):  # a summary that says how its intervals were drawn (the study)
+    legend = legend.replace("Intervals: 95% bootstrap over prompts.", f"Intervals: {summary['intervals']}.")
+  md = [f"# {title}", "", table, "", legend, ""]
   for line in notes:
     md += [line, ""]
   bench = _group_table(_benchmark_rows(clean), "benchmark")
