@@ -11,7 +11,9 @@ from setuptools import find_packages, setup
 # stays the one test install command. gguf + accelerate let transformers dequantize it.
 _SMOLLM2_GGUF = (pathlib.Path(__file__).resolve().parent / "tests" / "smollm2_gguf").as_uri()
 
-_PLAN = ["jax[tpu]>=0.10.2,<0.11", "jax-cuda12-plugin>=0.10.2,<0.11", "nvidia-cuda-nvcc-cu12>=12.6"]
+# cuDNN: the GPU attention (models/attention.py) is a cuDNN call, which the deviceless compile needs the library for
+_PLAN = ["jax[tpu]>=0.10.2,<0.11", "jax-cuda12-plugin>=0.10.2,<0.11", "nvidia-cuda-nvcc-cu12>=12.6",
+         "nvidia-cudnn-cu12>=9.8,<10"]
 
 setup(
     name="cotsafe_jax",

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.kernels import _math, pallas_gpu, pallas_tpu, reference
-from cotsafe_jax.parallel.mesh import MESH_AXES, logical_to_spec
+from cotsafe_jax.parallel.mesh import MESH_AXES, logical_to_spec, target_platform
 
 IMPLS = ("auto", "naive", "xla", "pallas_tpu", "pallas_gpu")
 # CPU-tuned (benchmarks/logprob_entropy.py): big enough for efficient matmuls, small enough that
@@ -68,7 +68,7 @@ def logprob_entropy(hidden: jax.Array, w_unembed: jax.Array, targets: jax.Array,
   """
   h, w, y = _check(hidden, w_unembed, targets)
   inv_temp = 1.0 / _check_temperature(temperature)
-  platform = _platform(_find_mesh(mesh, w_unembed))
+  platform = target_platform(_find_mesh(mesh, w_unembed))
   impl = _resolve_impl(impl, platform)
   lead_shape = targets.shape
   d, v = w.shape
@@ -118,18 +118,6 @@ def _check_temperature(temperature) -> float:
   if not (math.isfinite(t) and t > 0):
     raise CotsafeError(f"{_WHERE}: temperature={temperature} (expected a finite float > 0)")
   return t
-
-
-def _platform(mesh) -> str:
-  """The platform the op is compiled for: the mesh's devices (a target compiled ahead of time on a CPU host
-  is a TPU or GPU mesh), else the default backend."""
-  if mesh is not None:
-    device = getattr(mesh, "abstract_device", None)
-    if device is not None and getattr(device, "platform", None):
-      return device.platform
-    if hasattr(mesh, "devices"):
-      return mesh.devices.flat[0].platform
-  return jax.default_backend()
 
 
 def _resolve_impl(impl: str, platform: str) -> str:

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from cotsafe_jax.models.config import ModelConfig
-from cotsafe_jax.models.transformer import Decoder, attention_bias
+from cotsafe_jax.models.attention import SelfMask, bias as attention_bias
+from cotsafe_jax.models.transformer import Decoder
 from cotsafe_jax.parallel import mesh as mesh_lib
 
 Params = Any
@@ -63,11 +64,10 @@ def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnums=0)
 def hidden_states(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, *,
                   attention_mask_bt: jax.Array | None = None) -> jax.Array:
-  """Final-norm hidden states [B, T, D] in the compute dtype (what the fused log-prob op consumes)."""
+  """Final-norm hidden states [B, T, D] in the compute dtype (what the fused log-prob op consumes).
+  `attention_mask_bt`: each row's real tokens are one run (left and / or right padding), as cuDNN needs."""
   mask_bt = jnp.ones(tokens_bt.shape, bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
-  slots_t = jnp.arange(tokens_bt.shape[1])
-  mask = (mask_bt, slots_t, slots_t)  # MaskParts: attention builds each query block's bias itself
-  h_btd, _ = Decoder(cfg).apply({"params": params}, tokens_bt, positions_from_mask(mask_bt), mask)
+  h_btd, _ = Decoder(cfg).apply({"params": params}, tokens_bt, positions_from_mask(mask_bt), SelfMask(mask_bt))
   return h_btd
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from cotsafe_jax.errors import CotsafeError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+ATTENTION_IMPLS = ("auto", "chunked", "splash", "cudnn", "dense")  # models.attention.IMPLS
 REMAT_POLICIES = ("none", "full", "save_dots")  # models.transformer.remat_policy
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -23,8 +24,9 @@ _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "
 class ModelConfig:
   """Architecture of a decoder-only transformer; `dtype` is the compute dtype, `param_dtype` storage.
   `remat`: what each layer keeps for the backward pass, one of REMAT_POLICIES (True / False read as
-  "full" / "none"). `attention_block`: attention without a KV cache runs over query blocks of this many rows,
-  so the float32 scores alive at once are [block, S] per head, not [T, S]."""
+  "full" / "none"). `attention`: the attention without a KV cache (training, scoring, prefill), one of
+  models.attention.IMPLS ("auto": splash on TPU, cuDNN on GPU, "chunked" elsewhere; none holds [T, S] scores).
+  `attention_block`: the query / key block of "chunked" (scores alive at once: [block, block] per head)."""
   model_type: str
   vocab_size: int
   hidden_size: int
@@ -47,13 +49,16 @@ class ModelConfig:
   eos_token_id: int | tuple[int, ...] | None = None
   pad_token_id: int | None = None
   remat: str = "none"
-  attention_block: int | None = 512  # query rows per attention block without a KV cache (None: all at once)
+  attention: str = "auto"
+  attention_block: int = 512
 
   def __post_init__(self):
     if isinstance(self.remat, bool):
       object.__setattr__(self, "remat", "full" if self.remat else "none")
-    if self.attention_block is not None and self.attention_block < 1:
-      raise CotsafeError(f"ModelConfig.attention_block={self.attention_block}, expected >= 1 (or None)")
+    if isinstance(self.attention_block, bool) or not isinstance(self.attention_block, int) or self.attention_block < 1:
+      raise CotsafeError(f"ModelConfig.attention_block={self.attention_block!r}, expected a positive int")
+    if self.attention not in ATTENTION_IMPLS:
+      raise CotsafeError(f"ModelConfig.attention={self.attention!r}, expected one of {', '.join(ATTENTION_IMPLS)}")
     if self.remat not in REMAT_POLICIES:
       raise CotsafeError(f"ModelConfig.remat={self.remat!r}, expected one of {', '.join(REMAT_POLICIES)}")
     if self.model_type not in SUPPORTED_MODEL_TYPES:

@@ -7,7 +7,6 @@ per layer over fsdp where it is used; activations carry sharding constraints (pa
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable
 
@@ -15,11 +14,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cotsafe_jax.models import attention as attention_lib
 from cotsafe_jax.models.config import ModelConfig
 from cotsafe_jax.parallel.mesh import constrain, gather_weight
 
 Array = jax.Array
-_NEG = -1e30  # finite: a fully masked (padding) query row stays NaN-free
 _BTD = ("batch", "length", "act_embed")
 
 
@@ -83,50 +82,12 @@ def _apply_rope(x_bthd: Array, cos_btd: Array, sin_btd: Array) -> Array:
   return (x * cos_btd[:, :, None, :] + rot * sin_btd[:, :, None, :]).astype(x_bthd.dtype)
 
 
-def attention_bias(key_valid_bs: Array, q_slot_t: Array, k_slot_s: Array) -> Array:
-  """Additive float32 bias [B, T, S]: 0 where key slot s holds a real token at or before query slot t, else a
-  large finite negative (a fully masked padding row stays NaN-free)."""
-  ok_bts = (k_slot_s[None, None, :] <= q_slot_t[None, :, None]) & key_valid_bs[:, None, :]
-  return jnp.where(ok_bts, 0.0, _NEG).astype(jnp.float32)
-
-
-# The mask of an attention with no KV cache, as its parts: (key_valid_bs [B, S] bool, q_slot_t [T], k_slot_s [S]).
-# Each query block builds its own [B, block, S] bias from it, so no [T, S] bias (nor [T, S] scores) exists.
-MaskParts = tuple[Array, Array, Array]
-
-
-def _softmax_attend(q_btgrk: Array, k_bsgk: Array, v_bsgk: Array, bias_bts: Array, dt: Any) -> Array:
-  """softmax(q k^T / sqrt(dh) + bias) v with float32 scores and softmax."""
-  scores = jnp.einsum("btgrk,bsgk->bgrts", q_btgrk, k_bsgk, preferred_element_type=jnp.float32)
-  scores = constrain(scores / math.sqrt(q_btgrk.shape[-1]) + bias_bts[:, None, None, :, :],
-                     ("batch", "act_kv_heads", None, "length", None))
-  probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # softmax in float32
-  return jnp.einsum("bgrts,bsgk->btgrk", probs, v_bsgk)
-
-
-def blocked_attention(q_btgrk: Array, k_bsgk: Array, v_bsgk: Array, mask: MaskParts, *, block: int | None,
-                      dt: Any) -> Array:
-  """Attention over query blocks of `block` rows, one after another (lax.map), each rematerialised in the
-  backward pass: the scores and bias alive at once are [B, heads, block, S], not [B, heads, T, S].
-  Row for row the same maths as one dense softmax (the blocks split queries, never keys)."""
-  key_valid_bs, q_slot_t, k_slot_s = mask
-  b, t = q_btgrk.shape[:2]
-  if block is None or t <= block:
-    return _softmax_attend(q_btgrk, k_bsgk, v_bsgk, attention_bias(key_valid_bs, q_slot_t, k_slot_s), dt)
-  n = -(-t // block)
-  pad = n * block - t  # padded query rows attend like the last slot and are dropped
-  q = jnp.pad(q_btgrk, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-  slots = jnp.pad(q_slot_t, (0, pad), mode="edge")
-  q_nbcgrk = q.reshape(b, n, block, *q.shape[2:]).swapaxes(0, 1)  # [n, B, block, G, R, dh]
-  slots_nc = slots.reshape(n, block)
-
-  @functools.partial(jax.checkpoint, prevent_cse=False)
-  def one(args):
-    q_c, slot_c = args
-    return _softmax_attend(q_c, k_bsgk, v_bsgk, attention_bias(key_valid_bs, slot_c, k_slot_s), dt)
-
-  out = jax.lax.map(one, (q_nbcgrk, slots_nc))  # [n, B, block, G, R, dh]
-  return out.swapaxes(0, 1).reshape(b, n * block, *out.shape[3:])[:, :t]
+def _written(kv_cache: tuple[Array, Array], k_btgk: Array, v_btgk: Array, index: Array) -> tuple[Array, Array]:
+  """The cache (layouts: models.cache_shapes) with the new keys / values written at slot `index` onwards."""
+  ck_bgks, cv_bgsk = kv_cache
+  ck_bgks = jax.lax.dynamic_update_slice_in_dim(ck_bgks, k_btgk.transpose(0, 2, 3, 1).astype(ck_bgks.dtype), index, 3)
+  cv_bgsk = jax.lax.dynamic_update_slice_in_dim(cv_bgsk, v_btgk.transpose(0, 2, 1, 3).astype(cv_bgsk.dtype), index, 2)
+  return ck_bgks, cv_bgsk
 
 
 class Attention(nn.Module):
@@ -161,19 +122,17 @@ class Attention(nn.Module):
     b, t = q_bthk.shape[:2]
     r = h // k  # query heads per kv head
     q_btgrk = q_bthk.reshape(b, t, k, r, dh)  # query heads grouped by their kv head
-    if kv_cache is None:
+    # SelfMask: no [T, S] scores (training, scoring; with a cache, a prefill into an empty one: the keys are the
+    # new tokens only); a bias array: the KV-cache path below (a decode step's [B, 1, S])
+    if isinstance(bias_bts, attention_lib.SelfMask):
+      out_btgrk = attention_lib.attend(q_btgrk, k_btgk, v_btgk, bias_bts.key_valid_bs, impl=cfg.attention,
+                                       block=cfg.attention_block, dt=dt)
+      new_cache = None if kv_cache is None else _written(kv_cache, k_btgk, v_btgk, cache_index)
+    elif kv_cache is None:
       new_cache = None
-      if isinstance(bias_bts, tuple):  # MaskParts: query blocks build their own bias
-        out_btgrk = blocked_attention(q_btgrk, k_btgk, v_btgk, bias_bts, block=cfg.attention_block, dt=dt)
-      else:
-        out_btgrk = _softmax_attend(q_btgrk, k_btgk, v_btgk, bias_bts, dt)
+      out_btgrk = attention_lib.dense(q_btgrk, k_btgk, v_btgk, bias_bts, dt)
     else:  # cache layouts (models.cache_shapes): keys [B, kv_heads, head_dim, S], values [B, kv_heads, S, head_dim]
-      ck_bgks, cv_bgsk = kv_cache
-      ck_bgks = jax.lax.dynamic_update_slice_in_dim(
-          ck_bgks, k_btgk.transpose(0, 2, 3, 1).astype(ck_bgks.dtype), cache_index, 3)
-      cv_bgsk = jax.lax.dynamic_update_slice_in_dim(
-          cv_bgsk, v_btgk.transpose(0, 2, 1, 3).astype(cv_bgsk.dtype), cache_index, 2)
-      new_cache = (ck_bgks, cv_bgsk)
+      new_cache = ck_bgks, cv_bgsk = _written(kv_cache, k_btgk, v_btgk, cache_index)
       # (query position, head in group) merged into one row axis m: both dots are plain batched matmuls over
       # (row, kv head) that read the cache in place (a one-token decode step has m = r)
       q_bgmk = q_btgrk.transpose(0, 2, 1, 3, 4).reshape(b, k, t * r, dh)
@@ -259,6 +218,5 @@ class Decoder(nn.Module):
 
   def init_all(self, tokens_bt: Array):
     positions = jnp.zeros_like(tokens_bt)
-    bias = jnp.zeros(tokens_bt.shape + tokens_bt.shape[-1:], jnp.float32)
-    h, _ = self(tokens_bt, positions, bias)
+    h, _ = self(tokens_bt, positions, attention_lib.SelfMask(jnp.ones(tokens_bt.shape, bool)))
     return h, self.unembedding()

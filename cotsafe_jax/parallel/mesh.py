@@ -138,6 +138,18 @@ def _context_mesh():
   return mesh
 
 
+def target_platform(mesh: Any = None) -> str:
+  """The platform a program is compiled for: the mesh's devices (a target compiled ahead of time on a CPU host
+  is a TPU or GPU mesh), else the default backend."""
+  if mesh is not None:
+    device = getattr(mesh, "abstract_device", None)
+    if device is not None and getattr(device, "platform", None):
+      return device.platform
+    if hasattr(mesh, "devices"):
+      return mesh.devices.flat[0].platform
+  return jax.default_backend()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """`x` constrained to the sharding of its logical axes under the context mesh; a no-op without one."""
   mesh = _context_mesh()

@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from cotsafe_jax import models
 from cotsafe_jax.errors import CotsafeError
-from cotsafe_jax.models import transformer
+from cotsafe_jax.models import attention, transformer
 from cotsafe_jax.parallel import mesh as mesh_lib
 
 # {"kv": [(k [B, kv_heads, head_dim, S], v [B, kv_heads, S, head_dim]) per layer], "mask_bs": [B, S], "pos_b": [B],
@@ -83,7 +83,7 @@ def prefill(cfg: models.ModelConfig, dparams: dict[str, Any], tokens_bp: jax.Arr
   if slots < p:
     raise CotsafeError(f"decode.prefill: slots={slots} is less than the prompt length {p}")
   mask_bp = mask_bp.astype(bool)
-  bias_bts = models.attention_bias(mask_bp, jnp.arange(p), jnp.arange(p))
+  self_mask = attention.SelfMask(mask_bp)  # attention over the prompt's own slots: no [P, P] scores
   cos_btd, sin_btd = transformer.rope_cos_sin(cfg, models.positions_from_mask(mask_bp))
   x_btd = jnp.take(dparams["embed"], tokens_bp, axis=0).astype(cfg.dtype)
   k_shape, v_shape = models.cache_shapes(cfg, b, p)
@@ -92,7 +92,7 @@ def prefill(cfg: models.ModelConfig, dparams: dict[str, Any], tokens_bp: jax.Arr
   for layer in dparams["layers"]:
     empty = (jnp.zeros(k_shape[1:], dtype), jnp.zeros(v_shape[1:], dtype))
     x_btd, (k_bgks, v_bgsk) = transformer.Block(cfg).apply({"params": layer}, x_btd, empty, cos_btd, sin_btd,
-                                                           bias_bts, jnp.int32(0))
+                                                           self_mask, jnp.int32(0))
     kv.append((k_bgks, v_bgsk))
   cache = {"kv": kv, "mask_bs": mask_bp, "pos_b": mask_bp.sum(axis=1, dtype=jnp.int32), "index": jnp.int32(p)}
   return _logits(cfg, dparams, x_btd[:, -1]), grow_cache(cfg, cache, slots, mesh)

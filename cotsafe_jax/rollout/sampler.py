@@ -22,6 +22,7 @@ from cotsafe_jax.rollout import decode as decode_lib
 Buckets = str | int | Sequence[int]
 _MIN_BUCKET = 16
 _BLOCK = 128  # vocab block of the two-level inverse-CDF draw
+_NUCLEUS_CANDIDATES = 1024  # top-p alone looks for its nucleus among this many largest logits first
 _STEPS_PER_PHASE = 64  # automatic cache phases: one per this many new tokens ...
 _MAX_PHASES = 4  # ... and at most this many (benchmarks/cache_phases.py)
 _trace_count = 0  # incremented each time the core is traced: tests assert bucketing avoids recompiles
@@ -93,11 +94,28 @@ def _sample(logits_bv: jax.Array, key: jax.Array, s: _Sampling) -> tuple[jax.Arr
   if not s.top_k and s.top_p >= 1.0:
     return _draw(key, z_bv)
   vocab = z_bv.shape[-1]
-  z_bk, idx_bk = jax.lax.top_k(z_bv, min(s.top_k, vocab) if s.top_k else vocab)  # sorted descending
-  if s.top_p < 1.0:
-    p_bk = jax.nn.softmax(z_bk, axis=-1)
+  if s.top_k or vocab <= _NUCLEUS_CANDIDATES:
+    return _top_k_top_p(z_bv, key, min(s.top_k, vocab) if s.top_k else vocab, s.top_p)
+  # top-p alone: the nucleus from the _NUCLEUS_CANDIDATES largest logits (a partial top-k, not a sort of the whole
+  # vocabulary) when they hold at least top_p of the probability (then every token the nucleus keeps is among them:
+  # the next one already has top_p above it); otherwise, for the whole batch, the full sort
+  lse_b = jax.nn.logsumexp(z_bv, axis=-1)
+  z_bc, _ = jax.lax.top_k(z_bv, _NUCLEUS_CANDIDATES)
+  covered = jnp.all(jnp.sum(jnp.exp(z_bc - lse_b[:, None]), axis=-1) >= jnp.float32(s.top_p))
+  return jax.lax.cond(covered, lambda z: _top_k_top_p(z, key, _NUCLEUS_CANDIDATES, s.top_p, lse_b=lse_b),
+                      lambda z: _top_k_top_p(z, key, vocab, s.top_p, lse_b=lse_b), z_bv)
+
+
+def _top_k_top_p(z_bv: jax.Array, key: jax.Array, k: int, top_p: float,
+                 lse_b: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Keep the k largest of z_bv, then (top_p < 1) the smallest prefix of them whose probability reaches top_p,
+  and draw. The prefix's probabilities are the softmax over the k kept (`lse_b` None: top-k renormalises first) or
+  over the whole vocabulary (`lse_b`: its log-sum-exp; top-p alone, where the k are a prefilter)."""
+  z_bk, idx_bk = jax.lax.top_k(z_bv, k)  # sorted descending
+  if top_p < 1.0:
+    p_bk = jax.nn.softmax(z_bk, axis=-1) if lse_b is None else jnp.exp(z_bk - lse_b[:, None])
     above_bk = jnp.cumsum(p_bk, axis=-1) - p_bk  # mass of the better candidates; exactly 0 for the top one
-    z_bk = jnp.where(above_bk < jnp.float32(s.top_p), z_bk, -jnp.inf)
+    z_bk = jnp.where(above_bk < jnp.float32(top_p), z_bk, -jnp.inf)
   j_b, logp_b, ent_b = _draw(key, z_bk)
   return _take(idx_bk, j_b), logp_b, ent_b
 

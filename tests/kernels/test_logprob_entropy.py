@@ -236,7 +236,7 @@ def test_pallas_kernels_lower_for_their_platform(monkeypatch, module, platform, 
   """
   import importlib
   op = importlib.import_module("cotsafe_jax.kernels.logprob_entropy")
-  monkeypatch.setattr(op, "_platform", lambda mesh: "tpu" if module is pallas_tpu else "gpu")  # as for that target
+  monkeypatch.setattr(op, "target_platform", lambda mesh: "tpu" if module is pallas_tpu else "gpu")  # as for that target
   h, w, y, gl, ge = make_inputs(6, *shape, jnp.dtype(dtype))
   run = value_and_grads(y, gl, ge, impl=module.__name__.rsplit(".", 1)[1])
   text = run.trace(h, w).lower(lowering_platforms=(platform,)).as_text()

@@ -271,3 +271,27 @@ def test_bad_input_raises(params, change, message):
   prompt, mask = kw.pop("prompt"), kw.pop("mask")
   with pytest.raises(CotsafeError, match="cotsafe_jax: generate: " + message):
     rollout.generate(CFG, params, prompt, mask, rng=jax.random.key(0), **kw)
+
+
+@pytest.mark.parametrize("spread", [4.0, 0.3])  # a nucleus inside the candidates; one larger (the full sort)
+def test_top_p_prefilter_draws_what_the_full_sort_draws(monkeypatch, spread):
+  """top-p alone looks for the nucleus among the largest logits first (no sort of the whole vocabulary) and falls
+  back to the full sort when they hold less than top_p: the same tokens, log-probs and entropies as the full sort,
+  and log-probs equal to the float64 filtered softmax."""
+  monkeypatch.setattr(sampler, "_NUCLEUS_CANDIDATES", 16)
+  v, top_p = 300, 0.9
+  z_bv = jax.random.normal(jax.random.key(3), (8, v), jnp.float32) * spread
+  s = sampler._Sampling(1.0, 0, top_p, (), 0, True)
+  nucleus = [int(np.isfinite(_filtered_logp(np.asarray(z, np.float64), 0, top_p)).sum()) for z in z_bv]
+  assert (max(nucleus) <= 16) == (spread > 1), nucleus  # the two cases are what they claim
+  fast = jax.jit(lambda z, k: sampler._sample(z, k, s))
+  full = jax.jit(lambda z, k: sampler._top_k_top_p(z, k, v, top_p, lse_b=jax.nn.logsumexp(z, axis=-1)))
+  for i in range(32):
+    key = jax.random.key(i)
+    (tok, logp, ent), (tok_full, logp_full, ent_full) = fast(z_bv, key), full(z_bv, key)
+    np.testing.assert_array_equal(tok, tok_full)
+    np.testing.assert_allclose(logp, logp_full, atol=1e-6)
+    np.testing.assert_allclose(ent, ent_full, atol=1e-6)
+    for b in range(8):
+      ref = _filtered_logp(np.asarray(z_bv[b], np.float64), 0, top_p)
+      np.testing.assert_allclose(float(logp[b]), ref[int(tok[b])], atol=1e-5)
