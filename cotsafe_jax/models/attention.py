@@ -74,6 +74,12 @@ def dense(q_btgrk: Array, k_bsgk: Array, v_bsgk: Array, bias_bts: Array, dt: Any
   return jnp.einsum("bgrts,bsgk->btgrk", probs, v_bsgk)
 
 
+def _dense_self(q_btgrk: Array, k_bsgk: Array, v_bsgk: Array, key_valid_bs: Array, dt: Any) -> Array:
+  """`dense` over the sequence's own slots (causal, real keys only)."""
+  slots = jnp.arange(q_btgrk.shape[1])
+  return dense(q_btgrk, k_bsgk, v_bsgk, bias(key_valid_bs, slots, slots), dt)
+
+
 def attend(q_btgrk: Array, k_bsgk: Array, v_bsgk: Array, key_valid_bs: Array, *, impl: str = "auto",
            block: int = 512, dt: Any = jnp.float32) -> Array:
   """Causal attention of queries [B, T, kv_heads, group, dh] (query heads grouped by their kv head) over keys /
@@ -84,8 +90,7 @@ def attend(q_btgrk: Array, k_bsgk: Array, v_bsgk: Array, key_valid_bs: Array, *,
   impl = resolve_impl(impl, platform, q_btgrk.dtype)
   key_valid_bs = key_valid_bs.astype(bool)
   if impl == "dense":
-    slots = jnp.arange(q_btgrk.shape[1])
-    return dense(q_btgrk, k_bsgk, v_bsgk, bias(key_valid_bs, slots, slots), dt)
+    return _dense_self(q_btgrk, k_bsgk, v_bsgk, key_valid_bs, dt)
   if impl == "chunked":
     return chunked(q_btgrk, k_bsgk, v_bsgk, key_valid_bs, block=block)
   kernel = cudnn if impl == "cudnn" else functools.partial(splash, interpret=platform != "tpu")
@@ -141,8 +146,7 @@ def chunked(q_btgrk: Array, k_bsgk: Array, v_bsgk: Array, key_valid_bs: Array, *
   [block, block] scores, and autodiff without recomputing them: faster on a CPU at short lengths)."""
   n, c = _plan(q_btgrk.shape[1], block)
   if n == 1:
-    slots = jnp.arange(q_btgrk.shape[1])
-    return dense(q_btgrk, k_bsgk, v_bsgk, bias(key_valid_bs, slots, slots), q_btgrk.dtype)
+    return _dense_self(q_btgrk, k_bsgk, v_bsgk, key_valid_bs, q_btgrk.dtype)
   return _chunked(n, c, q_btgrk, k_bsgk, v_bsgk, key_valid_bs)
 
 
