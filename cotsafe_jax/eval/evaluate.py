@@ -168,6 +168,7 @@ def _generate(*, cfg: models.ModelConfig, params: Any, tokenizer: Any, rows: Seq
   pieces = analysis.token_pieces(tokenizer)
   key = jax.random.key(seed)
   sharding = parallel.batch_sharding(mesh, 2) if mesh is not None else None
+  params = rollout.decode_params(cfg, params, mesh=mesh)  # laid out for sampling once, for every batch
   bar = tqdm.tqdm(total=n, desc="generate", unit="sample", dynamic_ncols=True,
                   disable=not (progress and parallel.is_main_process()))
   start, tokens_done = time.perf_counter(), 0

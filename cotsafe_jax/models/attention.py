@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,35 @@ def dense(q_btgrk: Array, k_bsgk: Array, v_bsgk: Array, bias_bts: Array, dt: Any
                               ("batch", "act_kv_heads", None, "length", None))
   probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # softmax in float32
   return jnp.einsum("bgrts,bsgk->btgrk", probs, v_bsgk)
+
+
+def cached(q_btgrk: Array, kv_segments: Sequence[tuple[Array, Array]], bias_segments: Sequence[Array],
+           dt: Any) -> Array:
+  """Attention of T new queries over a KV cache in segments (layouts: models.cache_shapes, keys [B, kv_heads,
+  head_dim, S_j], values [B, kv_heads, S_j, head_dim]) with additive biases [B, T, S_j]: one float32 softmax over
+  every segment's scores, the value products summed over segments (in float32 when there are several).
+
+  (query position, head in group) merge into one row axis m, so both dots are plain batched matmuls over (row, kv
+  head) that read the cache in place (a one-token decode step has m = group).
+  """
+  b, t, g, r, dh = q_btgrk.shape
+  q_bgmk = q_btgrk.transpose(0, 2, 1, 3, 4).reshape(b, g, t * r, dh)
+  scores = [jnp.einsum("bgmk,bgks->bgms", q_bgmk, k_bgks.astype(dt), preferred_element_type=jnp.float32)
+            .reshape(b, g, t, r, -1) / math.sqrt(dh) + bias_bts[:, None, :, None, :]
+            for (k_bgks, _), bias_bts in zip(kv_segments, bias_segments)]
+  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0], axis=-1)
+  probs = probs.astype(dt).reshape(b, g, t * r, -1)  # softmax in float32
+  if len(kv_segments) == 1:
+    out_bgmk = jnp.einsum("bgms,bgsk->bgmk", probs, kv_segments[0][1].astype(dt))
+  else:
+    out_bgmk, start = jnp.zeros((b, g, t * r, dh), jnp.float32), 0
+    for _, v_bgsk in kv_segments:
+      s = v_bgsk.shape[2]
+      out_bgmk += jnp.einsum("bgms,bgsk->bgmk", probs[..., start:start + s], v_bgsk.astype(dt),
+                             preferred_element_type=jnp.float32)
+      start += s
+    out_bgmk = out_bgmk.astype(dt)
+  return out_bgmk.reshape(b, g, t, r, dh).transpose(0, 2, 1, 3, 4)
 
 
 def _dense_self(q_btgrk: Array, k_bsgk: Array, v_bsgk: Array, key_valid_bs: Array, dt: Any) -> Array:

@@ -131,16 +131,12 @@ class Attention(nn.Module):
     elif kv_cache is None:
       new_cache = None
       out_btgrk = attention_lib.dense(q_btgrk, k_btgk, v_btgk, bias_bts, dt)
-    else:  # cache layouts (models.cache_shapes): keys [B, kv_heads, head_dim, S], values [B, kv_heads, S, head_dim]
-      new_cache = ck_bgks, cv_bgsk = _written(kv_cache, k_btgk, v_btgk, cache_index)
-      # (query position, head in group) merged into one row axis m: both dots are plain batched matmuls over
-      # (row, kv head) that read the cache in place (a one-token decode step has m = r)
-      q_bgmk = q_btgrk.transpose(0, 2, 1, 3, 4).reshape(b, k, t * r, dh)
-      scores = jnp.einsum("bgmk,bgks->bgms", q_bgmk, ck_bgks.astype(dt), preferred_element_type=jnp.float32)
-      scores = scores.reshape(b, k, t, r, -1) / math.sqrt(dh) + bias_bts[:, None, :, None, :]
-      probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, k, t * r, -1)  # softmax in float32
-      out_bgmk = jnp.einsum("bgms,bgsk->bgmk", probs, cv_bgsk.astype(dt))
-      out_btgrk = out_bgmk.reshape(b, k, t, r, dh).transpose(0, 2, 1, 3, 4)
+    else:  # a KV cache (layouts: models.cache_shapes), or a list of its segments (the sampler's) with a bias each
+      segments = list(kv_cache) if isinstance(kv_cache, list) else [kv_cache]
+      biases = list(bias_bts) if isinstance(kv_cache, list) else [bias_bts]
+      segments[-1] = _written(segments[-1], k_btgk, v_btgk, cache_index)  # the new tokens go into the last one
+      out_btgrk = attention_lib.cached(q_btgrk, segments, biases, dt)
+      new_cache = segments if isinstance(kv_cache, list) else segments[0]
     out_bthk = out_btgrk.reshape(b, t, h, dh)
     wo = _param(self, "o_kernel", (h, dh, d), ("heads", "head_dim", "embed"), init, pdt)
     y_btd = jnp.einsum("bthk,hkd->btd", out_bthk, wo.astype(dt))

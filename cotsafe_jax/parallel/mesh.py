@@ -114,11 +114,23 @@ def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None],
   return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh))
 
 
-def tree_shardings(mesh: Mesh, logical_tree: Any, shape_tree: Any) -> Any:
-  """NamedShardings for a pytree given matching trees of logical-axis tuples and shapes."""
-  return jax.tree.map(
-      lambda axes, s: logical_sharding(mesh, axes, s.shape), logical_tree, shape_tree,
-      is_leaf=lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x))
+def gathered_sharding(mesh: Mesh, logical_axes: Sequence[str | None],
+                      shape: Sequence[int] | None = None) -> NamedSharding:
+  """A weight's form after FSDP's gather (`gather_weight`): split over tensor only, whole on data x fsdp. The
+  sampler keeps its weights so for a whole rollout (no per-step gather)."""
+  return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, drop=_GATHERED_AXES))
+
+
+def is_axes(x: Any) -> bool:
+  """A tuple of logical axis names (a leaf of a logical-axes tree)."""
+  return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def tree_shardings(mesh: Mesh, logical_tree: Any, shape_tree: Any, *, gathered: bool = False) -> Any:
+  """NamedShardings for a pytree given matching trees of logical-axis tuples and shapes (`gathered`: each leaf's
+  `gathered_sharding`)."""
+  make = gathered_sharding if gathered else logical_sharding
+  return jax.tree.map(lambda axes, s: make(mesh, axes, s.shape), logical_tree, shape_tree, is_leaf=is_axes)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, shape: Sequence[int] | None = None) -> NamedSharding:

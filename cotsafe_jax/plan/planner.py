@@ -22,7 +22,7 @@ from cotsafe_jax.parallel import mesh as mesh_lib
 from cotsafe_jax.plan.targets import GIB, Target
 from cotsafe_jax.train.ppo_programs import tree_device_bytes
 
-PPO_PROGRAMS = ("generate", "score", "advantage", "update")
+PPO_PROGRAMS = ("decode_params", "generate", "score", "advantage", "update")
 ALL_PROGRAMS = PPO_PROGRAMS + ("safety_rm", "guard", "sft_step")
 
 
@@ -136,7 +136,7 @@ def ppo_model_flops(policy: models.ModelConfig, critic: models.ModelConfig | Non
                        unembed_tokens=rows * (completion - 1))
   score = 2 * fwd(policy, rows, completion) + (fwd(critic, rows, 0) if critic is not None else 0.0)
   update = 3 * fwd(policy, minibatch_rows, completion) + (3 * fwd(critic, minibatch_rows, 0) if critic else 0.0)
-  return {"generate": gen, "score": score, "advantage": None, "update": update}
+  return {"decode_params": None, "generate": gen, "score": score, "advantage": None, "update": update}
 
 
 def table(programs: Sequence[ProgramPlan], hbm_bytes: int) -> str:

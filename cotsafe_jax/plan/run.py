@@ -70,7 +70,8 @@ def plan(*, workdir: str, target: str, policy: PolicySpec, ppo: ppo_lib.PPOConfi
       policy_cfg=cfg, critic_cfg=critic_cfg, ppo=ppo, policy_tx=policy_tx, critic_tx=critic_tx, mesh=mesh,
       rows=rows, prompt_len=rollout.max_prompt_len, completion_len=rollout.max_new_tokens,
       sampling=ppo_programs.Sampling(temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p,
-                                     cache_phases=rollout.cache_phases, eos_ids=tuple(eos),
+                                     cache_phases=rollout.cache_phases, compactions=rollout.compactions,
+                                     gathered_weights=rollout.gathered_weights, eos_ids=tuple(eos),
                                      pad_id=cfg.pad_token_id or 0))
   args = progs.abstract_args()
   state, reference = args["update"][0], args["score"][1]
@@ -108,7 +109,9 @@ def plan(*, workdir: str, target: str, policy: PolicySpec, ppo: ppo_lib.PPOConfi
 
   flops = planner.ppo_model_flops(cfg, critic_cfg, rows=rows, prompt=rollout.max_prompt_len,
                                   completion=rollout.max_new_tokens, minibatch_rows=progs.minibatch_rows)
-  in_args = {"generate": planner.count_bytes(state.policy),
+  # generate reads the policy's decode layout (an argument made by decode_params for the rollout, freed after it):
+  # the training state stays resident beside it
+  in_args = {"decode_params": planner.count_bytes(state.policy), "generate": 0,
              "score": planner.count_bytes((state.policy, reference, state.critic)),
              "advantage": 0, "update": planner.count_bytes(state)}
   results: list[planner.ProgramPlan] = []
@@ -121,8 +124,8 @@ def plan(*, workdir: str, target: str, policy: PolicySpec, ppo: ppo_lib.PPOConfi
 
   for name in planner.PPO_PROGRAMS:
     if name in names:
-      program = {"generate": progs.generate, "score": progs.score, "advantage": progs.advantage,
-                 "update": progs.update}[name]
+      program = {"decode_params": progs.decode_params, "generate": progs.generate, "score": progs.score,
+                 "advantage": progs.advantage, "update": progs.update}[name]
       run(name, program, args[name], in_args[name], resident_total, flops[name])
   for name, (program, program_args, tree) in extra_programs.items():
     if name in names:

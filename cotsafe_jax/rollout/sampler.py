@@ -12,7 +12,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from cotsafe_jax import models
 from cotsafe_jax.errors import CotsafeError
@@ -25,6 +25,8 @@ _BLOCK = 128  # vocab block of the two-level inverse-CDF draw
 _NUCLEUS_CANDIDATES = 1024  # top-p alone looks for its nucleus among this many largest logits first
 _STEPS_PER_PHASE = 64  # automatic cache phases: one per this many new tokens ...
 _MAX_PHASES = 4  # ... and at most this many (benchmarks/cache_phases.py)
+_MIN_COMPACT_ROWS = 8  # automatic compaction: a halved batch keeps at least this many rows ...
+_MAX_COMPACTIONS = 2  # ... and the batch is halved at most this many times (one loop-body compile per phase each)
 _trace_count = 0  # incremented each time the core is traced: tests assert bucketing avoids recompiles
 
 
@@ -37,12 +39,15 @@ class GenerateOutput:
   logprobs_bt: [B, T] float32; log-prob of each token under the distribution it was drawn from; 0 where masked.
   finished_b:  [B] bool; the row emitted a stop id (False: it ran out of budget).
   entropy_bt:  [B, T] float32 entropy of that distribution (only with return_entropy=True); 0 where masked.
+  decoded_rows: [] int32: rows the decode loop ran, summed over its steps (live or not): mask_bt.sum() - B over
+               it is the share of decode work that produced tokens (compaction raises it).
   """
   tokens_bt: jax.Array
   mask_bt: jax.Array
   logprobs_bt: jax.Array
   finished_b: jax.Array
   entropy_bt: jax.Array | None = None
+  decoded_rows: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +83,8 @@ def bucket_length(length: int, *, buckets: Buckets = "pow2") -> int:
   return fits[0]
 
 
-def _sample(logits_bv: jax.Array, key: jax.Array, s: _Sampling) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Draw one token per row -> (token_b, logprob_b, entropy_b), all in float32 maths.
+def _sample(logits_bv: jax.Array, u_b: jax.Array | None, s: _Sampling) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Draw one token per row with its uniform u_b in [0, 1) -> (token_b, logprob_b, entropy_b), float32 maths.
 
   Greedy (temperature 0) reports the log-prob and entropy of the plain softmax (a point mass carries none).
   Otherwise: z = logits / temperature; keep the top_k largest; of those keep the smallest prefix whose
@@ -92,21 +97,21 @@ def _sample(logits_bv: jax.Array, key: jax.Array, s: _Sampling) -> tuple[jax.Arr
     return tok_b, _take(logp_bv, tok_b), -jnp.sum(jnp.exp(logp_bv) * logp_bv, axis=-1)
   z_bv = z_bv / jnp.float32(s.temperature)
   if not s.top_k and s.top_p >= 1.0:
-    return _draw(key, z_bv)
+    return _draw(u_b, z_bv)
   vocab = z_bv.shape[-1]
   if s.top_k or vocab <= _NUCLEUS_CANDIDATES:
-    return _top_k_top_p(z_bv, key, min(s.top_k, vocab) if s.top_k else vocab, s.top_p)
+    return _top_k_top_p(z_bv, u_b, min(s.top_k, vocab) if s.top_k else vocab, s.top_p)
   # top-p alone: the nucleus from the _NUCLEUS_CANDIDATES largest logits (a partial top-k, not a sort of the whole
   # vocabulary) when they hold at least top_p of the probability (then every token the nucleus keeps is among them:
   # the next one already has top_p above it); otherwise, for the whole batch, the full sort
   lse_b = jax.nn.logsumexp(z_bv, axis=-1)
   z_bc, _ = jax.lax.top_k(z_bv, _NUCLEUS_CANDIDATES)
   covered = jnp.all(jnp.sum(jnp.exp(z_bc - lse_b[:, None]), axis=-1) >= jnp.float32(s.top_p))
-  return jax.lax.cond(covered, lambda z: _top_k_top_p(z, key, _NUCLEUS_CANDIDATES, s.top_p, lse_b=lse_b),
-                      lambda z: _top_k_top_p(z, key, vocab, s.top_p, lse_b=lse_b), z_bv)
+  return jax.lax.cond(covered, lambda z: _top_k_top_p(z, u_b, _NUCLEUS_CANDIDATES, s.top_p, lse_b=lse_b),
+                      lambda z: _top_k_top_p(z, u_b, vocab, s.top_p, lse_b=lse_b), z_bv)
 
 
-def _top_k_top_p(z_bv: jax.Array, key: jax.Array, k: int, top_p: float,
+def _top_k_top_p(z_bv: jax.Array, u_b: jax.Array, k: int, top_p: float,
                  lse_b: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Keep the k largest of z_bv, then (top_p < 1) the smallest prefix of them whose probability reaches top_p,
   and draw. The prefix's probabilities are the softmax over the k kept (`lse_b` None: top-k renormalises first) or
@@ -116,12 +121,13 @@ def _top_k_top_p(z_bv: jax.Array, key: jax.Array, k: int, top_p: float,
     p_bk = jax.nn.softmax(z_bk, axis=-1) if lse_b is None else jnp.exp(z_bk - lse_b[:, None])
     above_bk = jnp.cumsum(p_bk, axis=-1) - p_bk  # mass of the better candidates; exactly 0 for the top one
     z_bk = jnp.where(above_bk < jnp.float32(top_p), z_bk, -jnp.inf)
-  j_b, logp_b, ent_b = _draw(key, z_bk)
+  j_b, logp_b, ent_b = _draw(u_b, z_bk)
   return _take(idx_bk, j_b), logp_b, ent_b
 
 
-def _draw(key: jax.Array, z_bv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Inverse-CDF draw from softmax(z_bv) (-inf entries never drawn) -> (index_b, logprob_b, entropy_b).
+def _draw(u_b: jax.Array, z_bv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Inverse-CDF draw from softmax(z_bv) (-inf entries never drawn) with uniforms u_b in [0, 1) -> (index_b,
+  logprob_b, entropy_b).
 
   One uniform per row, located in two levels (blocks of _BLOCK, then within the block) so the cost is a
   few passes over the logits: on CPU a Gumbel-max draw (random bits for all B x V) costs 10x more.
@@ -134,7 +140,7 @@ def _draw(key: jax.Array, z_bv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Ar
   mass_bn = jnp.sum(e_bnk, axis=-1)
   cum_bn = jnp.cumsum(mass_bn, axis=-1)
   total_b = cum_bn[:, -1]
-  x_b = (1.0 - jax.random.uniform(key, (b,), jnp.float32)) * total_b  # in (0, total]
+  x_b = (1.0 - u_b) * total_b  # in (0, total]
   blk_b = jnp.minimum(jnp.sum(cum_bn < x_b[:, None], axis=-1), nb - 1)
   e_bk = jnp.take_along_axis(e_bnk, blk_b[:, None, None], axis=1)[:, 0]
   cum_bk = (_take(cum_bn, blk_b) - _take(mass_bn, blk_b))[:, None] + jnp.cumsum(e_bk, axis=-1)
@@ -170,92 +176,160 @@ def auto_cache_phases(max_new_tokens: int) -> int:
   return max(1, min(_MAX_PHASES, max_new_tokens // _STEPS_PER_PHASE))
 
 
-def _core(params: Any, prompt_bp: jax.Array, mask_bp: jax.Array, rng: jax.Array, *, cfg: models.ModelConfig,
-          max_new_tokens: int, s: _Sampling, cache_phases: int, mesh: Mesh | None) -> GenerateOutput:
+def auto_compactions(batch: int, shards: int, platform: str) -> int:
+  """How many times the decode loop may halve its batch (drop finished rows): on an accelerator as many as keep
+  >= _MIN_COMPACT_ROWS rows split evenly over the batch's `shards`, at most _MAX_COMPACTIONS; 0 on CPU (each
+  halving compiles another copy of the loop; the committed CPU study and demo ran without it)."""
+  if platform == "cpu":
+    return 0
+  n, rows = 0, batch
+  while n < _MAX_COMPACTIONS and rows % 2 == 0 and rows // 2 >= _MIN_COMPACT_ROWS and (rows // 2) % shards == 0:
+    n, rows = n + 1, rows // 2
+  return n
+
+
+def _shards(mesh: Mesh | None) -> int:
+  return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def _core(dparams: decode_lib.DecodeParams, prompt_bp: jax.Array, mask_bp: jax.Array, rng: jax.Array, *,
+          cfg: models.ModelConfig, max_new_tokens: int, s: _Sampling, cache_phases: int, compactions: int,
+          unembedding_vd: bool, mesh: Mesh | None) -> GenerateOutput:
   global _trace_count
   _trace_count += 1
+  if unembedding_vd:  # CPU: the head read as [V, D] by every step (one transposed copy per call when untied)
+    dparams = decode_lib.with_unembedding_vd(cfg, dparams)
   b, p = prompt_bp.shape
   t = max_new_tokens
   ends = phase_ends(t, cache_phases)  # the last phase ends at t: p + t - 1 slots (the last token is never fed)
+  starts = [1] + ends[:-1]
   eos_v = jnp.asarray(s.eos_ids if s.eos_ids else (-1,), jnp.int32)
 
-  def emit(i, logits_bv, done_b, tokens_bt, logp_bt, ent_bt):
-    tok_b, logp_b, ent_b = _sample(logits_bv, jax.random.fold_in(rng, i), s)
-    live_b = ~done_b
-    tok_b = jnp.where(live_b, tok_b, jnp.int32(s.pad_id))
-    tokens_bt = jax.lax.dynamic_update_index_in_dim(tokens_bt, tok_b, i, axis=1)
-    logp_bt = jax.lax.dynamic_update_index_in_dim(logp_bt, jnp.where(live_b, logp_b, 0.0), i, axis=1)
-    if s.return_entropy:
-      ent_bt = jax.lax.dynamic_update_index_in_dim(ent_bt, jnp.where(live_b, ent_b, 0.0), i, axis=1)
-    done_b = done_b | (live_b & jnp.isin(tok_b, eos_v))
-    return tok_b, done_b, tokens_bt, logp_bt, ent_bt, live_b.astype(jnp.int32)
+  def emit(i, logits_rv, rows_r, done_r, out):
+    """Draw step i's token for the rows in the batch (original rows `rows_r`; None: all, in order) and record it
+    in the [B, ...] outputs. Each original row has its own uniform, whichever rows share its batch."""
+    tokens_bt, logp_bt, ent_bt, len_b, done_b = out
+    u_r = None
+    if s.temperature != 0.0:
+      u_r = jax.random.uniform(jax.random.fold_in(rng, i), (b,), jnp.float32)
+      u_r = u_r if rows_r is None else u_r[rows_r]
+    tok_r, logp_r, ent_r = _sample(logits_rv, u_r, s)
+    live_r = ~done_r
+    tok_r = jnp.where(live_r, tok_r, jnp.int32(s.pad_id))
+    done_r = done_r | (live_r & jnp.isin(tok_r, eos_v))
+    logp_r, ent_r = jnp.where(live_r, logp_r, 0.0), jnp.where(live_r, ent_r, 0.0)
+    if rows_r is None:
+      tokens_bt = jax.lax.dynamic_update_index_in_dim(tokens_bt, tok_r, i, axis=1)
+      logp_bt = jax.lax.dynamic_update_index_in_dim(logp_bt, logp_r, i, axis=1)
+      if s.return_entropy:
+        ent_bt = jax.lax.dynamic_update_index_in_dim(ent_bt, ent_r, i, axis=1)
+      len_b, done_b = len_b + live_r.astype(jnp.int32), done_r
+    else:  # a compacted batch: distinct original rows, so scatters never collide
+      tokens_bt, logp_bt = tokens_bt.at[rows_r, i].set(tok_r), logp_bt.at[rows_r, i].set(logp_r)
+      if s.return_entropy:
+        ent_bt = ent_bt.at[rows_r, i].set(ent_r)
+      len_b, done_b = len_b.at[rows_r].add(live_r.astype(jnp.int32)), done_b.at[rows_r].set(done_r)
+    return tok_r, done_r, (tokens_bt, logp_bt, ent_bt, len_b, done_b)
 
-  on_cpu = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform == "cpu"
-  # the layers sliced out of the scan once, for the prefill and every decode step
-  dparams = decode_lib.decode_params(cfg, params, unembedding_vd=on_cpu)
-  logits_bv, cache = decode_lib.prefill(cfg, dparams, prompt_bp, mask_bp, p + ends[0] - 1, mesh)
-  tokens_bt = jnp.full((b, t), s.pad_id, jnp.int32)
-  logp_bt = jnp.zeros((b, t), jnp.float32)
-  ent_bt = jnp.zeros((b, t) if s.return_entropy else (b, 0), jnp.float32)
-  tok_b, done_b, tokens_bt, logp_bt, ent_bt, len_b = emit(0, logits_bv, jnp.zeros((b,), bool), tokens_bt,
-                                                          logp_bt, ent_bt)
+  # every cache segment allocated here: segment 0 the prompt and phase 0's slots, segment k phase k's
+  sizes = [p + ends[0] - 1] + [e - a for a, e in zip(starts[1:], ends[1:])]
+  logits_bv, cache = decode_lib.prefill(cfg, dparams, prompt_bp, mask_bp, sizes, mesh)
+  out = (jnp.full((b, t), s.pad_id, jnp.int32), jnp.zeros((b, t), jnp.float32),
+         jnp.zeros((b, t) if s.return_entropy else (b, 0), jnp.float32), jnp.zeros((b,), jnp.int32),
+         jnp.zeros((b,), bool))
+  tok_r, done_r, out = emit(0, logits_bv, None, out[4], out)
 
-  def cond(state, end):
-    i, _, done_b, *_ = state
-    return (i < end) & ~jnp.all(done_b)
+  def cond(state, end, keep_above):
+    i, _, _, done_r, *_ = state
+    go = (i < end) & ~jnp.all(done_r)
+    if keep_above is not None:  # leave the loop once at most keep_above rows are live: the batch is halved
+      go &= jnp.sum(~done_r) > keep_above
+    return go
 
-  def body(state):
-    i, tok_b, done_b, cache, tokens_bt, logp_bt, ent_bt, len_b = state
-    logits_bv, cache = decode_lib.decode_step(cfg, dparams, tok_b, cache)
-    tok_b, done_b, tokens_bt, logp_bt, ent_bt, live_b = emit(i, logits_bv, done_b, tokens_bt, logp_bt, ent_bt)
-    return i + 1, tok_b, done_b, cache, tokens_bt, logp_bt, ent_bt, len_b + live_b
+  def body(state, segments):
+    i, rows_r, tok_r, done_r, cache, out, decoded = state
+    logits_rv, cache = decode_lib.decode_step(cfg, dparams, tok_r, cache, segments=segments)
+    tok_r, done_r, out = emit(i, logits_rv, rows_r, done_r, out)
+    return i + 1, rows_r, tok_r, done_r, cache, out, decoded + tok_r.shape[0]
 
-  # one while loop per phase, each over a cache just long enough for its steps: attention reads the filled
-  # part of the cache (rounded up to the phase's end), not every slot of the longest generation
-  state = (jnp.int32(1), tok_b, done_b, cache, tokens_bt, logp_bt, ent_bt, len_b)
-  for k, end in enumerate(ends):
-    if k:
-      state = (*state[:3], decode_lib.grow_cache(cfg, state[3], p + end - 1, mesh), *state[4:])
-    state = jax.lax.while_loop(functools.partial(cond, end=end), body, state)
-  _, _, done_b, _, tokens_bt, logp_bt, ent_bt, len_b = state
+  # one while loop per (batch size, phase): a phase's loop reads the cache segments filled up to its end, not every
+  # slot of the longest generation; a batch size's loops end early once most of its rows have stopped, and the
+  # live rows (with their caches) move into a batch half as large. Each loop is its own compiled body.
+  state = (jnp.int32(1), None, tok_r, done_r, cache, out, jnp.int32(0))
+  rows = b
+  for level in range(compactions + 1 if t > 1 else 1):
+    keep_above = rows // 2 if level < compactions else None
+    if t > 1:
+      for k, end in enumerate(ends):
+        state = jax.lax.while_loop(functools.partial(cond, end=end, keep_above=keep_above),
+                                   functools.partial(body, segments=k + 1), state)
+    if keep_above is not None:
+      state, rows = _compact(cfg, state, keep_above, mesh), keep_above
+  tokens_bt, logp_bt, ent_bt, len_b, done_b = state[5]
   mask_bt = jnp.arange(t)[None, :] < len_b[:, None]
   return GenerateOutput(tokens_bt=tokens_bt, mask_bt=mask_bt, logprobs_bt=logp_bt, finished_b=done_b,
-                        entropy_bt=ent_bt if s.return_entropy else None)
+                        entropy_bt=ent_bt if s.return_entropy else None, decoded_rows=state[6])
+
+
+def _compact(cfg: models.ModelConfig, state: tuple, rows: int, mesh: Mesh | None) -> tuple:
+  """The decode state with its batch cut to `rows`: the live rows first (all of them, when they are at most
+  `rows`), then finished ones to fill; their caches, tokens and original row ids move along."""
+  i, rows_r, tok_r, done_r, cache, out, decoded = state
+  keep = jnp.argsort(done_r, stable=True)[:rows]  # live (False) before finished (True), in row order
+  take = lambda x: jnp.take(x, keep, axis=0)  # noqa: E731
+  rows_r = keep if rows_r is None else take(rows_r)
+  cache = {"kv": [[(take(k), take(v)) for k, v in layer] for layer in cache["kv"]],
+           "mask": [take(m) for m in cache["mask"]], "pos_b": take(cache["pos_b"]), "index": cache["index"]}
+  if mesh is not None:
+    cache = decode_lib.constrain_cache(cfg, cache, mesh)
+    rows_r, tok_r, done_r = (jax.lax.with_sharding_constraint(x, mesh_lib.batch_sharding(mesh, 1, (rows,)))
+                             for x in (rows_r, take(tok_r), take(done_r)))
+  else:
+    tok_r, done_r = take(tok_r), take(done_r)
+  return i, rows_r, tok_r, done_r, cache, out, decoded
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled(cfg: models.ModelConfig, mesh: Mesh | None, batch: int, prompt_len: int, max_new_tokens: int,
-              s: _Sampling, cache_phases: int):
+              s: _Sampling, cache_phases: int, compactions: int, unembedding_vd: bool, gathered: bool):
   core = functools.partial(_core, cfg=cfg, max_new_tokens=max_new_tokens, s=s, cache_phases=cache_phases,
-                           mesh=mesh)
+                           compactions=compactions, unembedding_vd=unembedding_vd, mesh=mesh)
   if mesh is None:
     return jax.jit(core)
   rows = mesh_lib.batch_sharding(mesh, 2, (batch, prompt_len))
   out_rows = mesh_lib.batch_sharding(mesh, 1, (batch,))  # prefix for every [B, ...] output
-  # traced under the mesh: the model's per-layer weight gathers and activation constraints apply
-  return mesh_lib.OnMesh(jax.jit(core, in_shardings=(models.param_shardings(cfg, mesh), rows, rows,
-                                                     mesh_lib.replicated(mesh)), out_shardings=out_rows), mesh)
+  rep = mesh_lib.replicated(mesh)
+  outs = GenerateOutput(tokens_bt=out_rows, mask_bt=out_rows, logprobs_bt=out_rows, finished_b=out_rows,
+                        entropy_bt=out_rows if s.return_entropy else None, decoded_rows=rep)
+  weights = decode_lib.decode_shardings(cfg, mesh, gathered=gathered)
+  # traced under the mesh: the model's activation constraints apply (its weight gathers are no-ops: the layout is
+  # already whole on data x fsdp)
+  return mesh_lib.OnMesh(jax.jit(core, in_shardings=(weights, rows, rows, rep), out_shardings=outs), mesh)
+
+
+def _settings(mesh: Mesh | None, batch: int, max_new_tokens: int, cache_phases: int | None,
+              compactions: int | None) -> tuple[int, int]:
+  """(phases, compactions) as compiled: automatic values resolved, more phases than steps cut to one per step."""
+  phases = auto_cache_phases(max_new_tokens) if cache_phases is None else cache_phases
+  if compactions is None:
+    compactions = auto_compactions(batch, _shards(mesh), mesh_lib.target_platform(mesh))
+  return len(phase_ends(max_new_tokens, phases)), compactions
 
 
 def generate_program(cfg: models.ModelConfig, mesh: Mesh | None, *, batch: int, prompt_len: int,
                      max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                      eos_ids: Sequence[int] = (), pad_id: int = 0, return_entropy: bool = False,
-                     cache_phases: int | None = None) -> Any:
-  """The jitted sampler `generate` runs for a [batch, prompt_len] bucket: call it as (params, prompt_bp,
-  mask_bp, rng) or `.lower(...)` it over abstract arguments (the `plan` job compiles it for a target)."""
-  phases = auto_cache_phases(max_new_tokens) if cache_phases is None else cache_phases
+                     cache_phases: int | None = None, compactions: int | None = None,
+                     gathered_weights: bool = True) -> Any:
+  """The jitted sampler `generate` runs for a [batch, prompt_len] bucket: call it as (decode_params, prompt_bp,
+  mask_bp, rng) or `.lower(...)` it over abstract arguments (the `plan` job compiles it for a target; the
+  DecodeParams come from `decode.decode_params_program`, with the same `gathered_weights`)."""
   s = _Sampling(float(temperature), int(top_k), float(top_p), tuple(int(e) for e in eos_ids), int(pad_id),
                 bool(return_entropy))
-  return _compiled(cfg, mesh, batch, prompt_len, int(max_new_tokens), s,
-                   len(phase_ends(int(max_new_tokens), phases)))
-
-
-def _mesh_of(params: Any) -> Mesh | None:
-  leaf = jax.tree.leaves(params)[0]
-  sharding = getattr(leaf, "sharding", None)
-  if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
-    return sharding.mesh
-  return None
+  phases, compactions = _settings(mesh, batch, int(max_new_tokens), cache_phases, compactions)
+  vd = mesh_lib.target_platform(mesh) == "cpu"
+  return _compiled(cfg, mesh, batch, prompt_len, int(max_new_tokens), s, phases, compactions, vd,
+                   bool(gathered_weights))
 
 
 def _check_prompts(prompt_bp: Any, prompt_mask_bp: Any) -> int | None:
@@ -286,8 +360,8 @@ def _check_prompts(prompt_bp: Any, prompt_mask_bp: Any) -> int | None:
 def generate(cfg: models.ModelConfig, params: Any, prompt_bp: Any, prompt_mask_bp: Any, *, rng: jax.Array,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_ids: Sequence[int] = (), pad_id: int = 0, return_entropy: bool = False,
-             buckets: Buckets = "pow2", cache_phases: int | None = None,
-             mesh: Mesh | None = None) -> GenerateOutput:
+             buckets: Buckets = "pow2", cache_phases: int | None = None, compactions: int | None = None,
+             gathered_weights: bool = True, mesh: Mesh | None = None) -> GenerateOutput:
   """Sample up to `max_new_tokens` per left-padded prompt row with a KV cache; deterministic for a given `rng`.
 
   Prefill the prompt, then a `lax.while_loop` decodes one token per row per step and exits once every row
@@ -296,14 +370,27 @@ def generate(cfg: models.ModelConfig, params: Any, prompt_bp: Any, prompt_mask_b
 
   Prompts are trimmed of all-padding columns and left-padded to `bucket_length(longest, buckets=buckets)`,
   so varying prompt lengths reuse one compiled program. Under a mesh (given, or read from the params'
-  shardings) the batch is sharded over data x fsdp and the params follow the logical-axis rules.
+  shardings) the batch is sharded over data x fsdp.
+
+  `params`: the training params, or a `decode.DecodeParams` made from them once (`decode.decode_params`) and
+  reused across calls. The training params are laid out anew on each call: per-layer weights in the compute
+  dtype, split over tensor only (whole on data x fsdp, so no decode step gathers weights), or with
+  gathered_weights=False split like the params (each step gathers each layer: for chips that cannot hold a
+  whole copy).
 
   The decode runs in `cache_phases` consecutive loops (default `auto_cache_phases(max_new_tokens)`: one per
-  64 new tokens, at most 4), each over a KV cache that ends at its own last step, grown between phases,
-  so a step's attention reads about the filled part of the cache instead of all prompt + max_new_tokens
-  slots (4 phases: 5/8 of the cache reads of one loop when the prompt is short). The slots a phase leaves
-  out are the empty ones every step masks anyway, so the draws are the same (tests hold them equal); each
-  phase compiles its own loop body.
+  64 new tokens, at most 4), each over the KV cache segments that end at its own last step (all allocated at
+  prefill, none copied), so a step's attention reads about the filled part of the cache instead of all
+  prompt + max_new_tokens slots (4 phases: 5/8 of the cache reads of one loop when the prompt is short). The
+  slots a phase leaves out are the empty ones every step masks anyway, so the draws are the same (tests hold
+  them equal); each phase compiles its own loop body.
+
+  Finished rows: the loop ends once every row has stopped, and with `compactions` = n > 0 it may halve its
+  batch up to n times: once at most half the rows are live, they (and their caches) move into a batch half as
+  large, so the long tail of a few long chains of thought does not pay for the whole batch. Every row keeps its
+  own random stream, so compaction does not change the draws. Default `auto_compactions`: up to 2 on TPU / GPU
+  while a halved batch keeps >= 8 rows split evenly over data x fsdp; none on CPU. Each halving compiles the
+  phase loops again.
 
   `logprobs_bt` are the sampler's log-probs under the tempered, filtered distribution each token was drawn
   from (greedy: the plain softmax). The trainer does not use them for the PPO ratio: it recomputes the old
@@ -323,6 +410,9 @@ def generate(cfg: models.ModelConfig, params: Any, prompt_bp: Any, prompt_mask_b
     cache_phases = auto_cache_phases(max_new_tokens)
   if isinstance(cache_phases, bool) or not isinstance(cache_phases, int) or cache_phases < 1:
     raise CotsafeError(f"generate: cache_phases={cache_phases!r} (expected a positive int, or None for automatic)")
+  if compactions is not None and (isinstance(compactions, bool) or not isinstance(compactions, int)
+                                  or compactions < 0):
+    raise CotsafeError(f"generate: compactions={compactions!r} (expected an int >= 0, or None for automatic)")
   eos = tuple(int(e) for e in eos_ids)
   bad_ids = [i for i in eos + (int(pad_id),) if not 0 <= i < cfg.vocab_size]
   if bad_ids:
@@ -341,8 +431,16 @@ def generate(cfg: models.ModelConfig, params: Any, prompt_bp: Any, prompt_mask_b
   if target > width:
     prompt_bp = jnp.pad(prompt_bp, ((0, 0), (target - width, 0)), constant_values=pad_id)
     prompt_mask_bp = jnp.pad(prompt_mask_bp, ((0, 0), (target - width, 0)))
-  mesh = _mesh_of(params) if mesh is None else mesh
+  mesh = decode_lib.mesh_of(params) if mesh is None else mesh
+  # a DecodeParams passes through as it is
+  dparams = decode_lib.decode_params(cfg, params, mesh=mesh, gathered=gathered_weights)
   s = _Sampling(float(temperature), int(top_k), float(top_p), eos, int(pad_id), bool(return_entropy))
-  phases = len(phase_ends(int(max_new_tokens), cache_phases))  # more phases than steps: one per step
-  fn = _compiled(cfg, mesh, prompt_bp.shape[0], prompt_bp.shape[1], int(max_new_tokens), s, phases)
-  return fn(params, prompt_bp, prompt_mask_bp, rng)
+  batch = prompt_bp.shape[0]
+  phases, compactions = _settings(mesh, batch, int(max_new_tokens), cache_phases, compactions)
+  if batch % (2 ** compactions * _shards(mesh)):
+    raise CotsafeError(f"generate: compactions={compactions} halves the batch of {batch} rows {compactions} times, "
+                       f"which needs a multiple of {2 ** compactions * _shards(mesh)} rows (data x fsdp = "
+                       f"{_shards(mesh)})")
+  fn = _compiled(cfg, mesh, batch, prompt_bp.shape[1], int(max_new_tokens), s, phases, compactions,
+                 mesh_lib.target_platform(mesh) == "cpu", dparams.gathered)
+  return fn(dparams, prompt_bp, prompt_mask_bp, rng)

@@ -63,6 +63,7 @@ def best_of_n(*, hf_dir: str, tokenizer_dir: str, prompts: str, reward: Composit
   stats: dict[str, dict[str, int]] = {k: {"prompts": 0, "kept": 0} for k in task_lib.KINDS}
   rollouts = tokens = heldout_dropped = 0
   done = 0
+  sampling = rollout_lib.decode_params(cfg, params, mesh=mesh)  # laid out for sampling once, for every batch
   while done < config.num_prompts:
     batch_rows = next(data_it)[:config.num_prompts - done]
     done += len(batch_rows)
@@ -72,7 +73,7 @@ def best_of_n(*, hf_dir: str, tokenizer_dir: str, prompts: str, reward: Composit
     rows_b = [r for r in batch_rows for _ in range(n)]
     width = config.prompts_per_batch * n  # one shape for every batch: one compile
     pad_rows = width - len(rows_b)
-    gen = rollout_lib.generate(cfg, params, np.pad(prompt_bp, ((0, pad_rows), (0, 0)), constant_values=pad),
+    gen = rollout_lib.generate(cfg, sampling, np.pad(prompt_bp, ((0, pad_rows), (0, 0)), constant_values=pad),
                                np.pad(pmask_bp, ((0, pad_rows), (0, 0))), rng=jax.random.fold_in(key, done),
                                max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                                top_k=rollout.top_k, top_p=rollout.top_p, eos_ids=eos, pad_id=pad,

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from cotsafe_jax import models
 from cotsafe_jax.parallel import mesh as mesh_lib
 from cotsafe_jax.rl import controllers, ppo as ppo_lib
-from cotsafe_jax.rollout import sampler
+from cotsafe_jax.rollout import decode, sampler
 from cotsafe_jax.train.optim import cast_floating, opt_state_shardings
 from cotsafe_jax.types import Rollout, ScoredRollout, TrainState
 
@@ -31,6 +31,8 @@ class Sampling:
   top_k: int = 0
   top_p: float = 1.0
   cache_phases: int | None = None
+  compactions: int | None = None
+  gathered_weights: bool = True
   eos_ids: tuple[int, ...] = ()
   pad_id: int = 0
 
@@ -39,7 +41,8 @@ class PPOPrograms:
   """Shardings and jitted programs of one PPO run: `rows` rollout rows of `prompt_len` + `completion_len`.
 
   Programs (each callable, and `.lower(*abstract_args[name])` for ahead-of-time compilation):
-  init_state, reference, generate, score, advantage, update.
+  init_state, reference, decode_params (the policy laid out for sampling, once per rollout), generate, score,
+  advantage, update.
   """
 
   def __init__(self, *, policy_cfg: models.ModelConfig, critic_cfg: models.ModelConfig | None,
@@ -80,10 +83,13 @@ class PPOPrograms:
     self.init_state = on(jax.jit(self._init_state, out_shardings=self.state_shardings, donate_argnums=(0, 1)))
     compute = policy_cfg.dtype
     self.reference = on(jax.jit(lambda p: cast_floating(p, dtype=compute), out_shardings=policy_sh))
+    self.decode_params = decode.decode_params_program(policy_cfg, mesh, sampling.gathered_weights)
+    self._gathered = sampling.gathered_weights
     self.generate = sampler.generate_program(
         policy_cfg, mesh, batch=rows, prompt_len=prompt_len, max_new_tokens=completion_len,
         temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-        eos_ids=sampling.eos_ids, pad_id=sampling.pad_id, cache_phases=sampling.cache_phases)
+        eos_ids=sampling.eos_ids, pad_id=sampling.pad_id, cache_phases=sampling.cache_phases,
+        compactions=sampling.compactions, gathered_weights=sampling.gathered_weights)
     score = ppo_lib.score_fn(policy_cfg, critic_cfg, ppo, num_completion=t, num_chunks=ppo.score_chunks)
     # outputs: [B, T] and [B] arrays split over the batch (the score's last constraint)
     self.score = on(jax.jit(score, in_shardings=(policy_sh, policy_sh, critic_sh, self.rollout_shardings)))
@@ -130,8 +136,10 @@ class PPOPrograms:
     minibatch = jax.tree.map(lambda sh, like: sds((mbr,) + like.shape[1:], like.dtype, sh), mb_sh,
                              self._scored_like(rows, p, t))
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    layout = decode.abstract_decode_params(self.policy_cfg, self.mesh, gathered=self._gathered)
     return {
-        "generate": (state.policy, sds((rows, p), jnp.int32, prompt_sh), sds((rows, p), jnp.bool_, prompt_sh),
+        "decode_params": (state.policy,),
+        "generate": (layout, sds((rows, p), jnp.int32, prompt_sh), sds((rows, p), jnp.bool_, prompt_sh),
                      sds(key.shape, key.dtype, self.replicated)),
         "score": (state.policy, ref, state.critic, rollout),
         "advantage": (self.advantage_inputs(split=True),),

@@ -56,8 +56,11 @@ class PolicySpec:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
   """Sampling during training. Prompts longer than max_prompt_len are cut from the left
-  (truncate="left") or rejected (truncate="error"). cache_phases: decode loops over growing KV caches
-  (`rollout.generate`; None: one per 64 new tokens, at most 4)."""
+  (truncate="left") or rejected (truncate="error"). cache_phases: decode loops, each over the KV cache filled by
+  its end (`rollout.generate`; None: one per 64 new tokens, at most 4). compactions: how many times the decode may
+  halve its batch once most rows have stopped (None: up to 2 on TPU / GPU, none on CPU). gathered_weights: the
+  sampler holds the policy whole on data x fsdp in the compute dtype for the rollout (False: split like the params,
+  gathered layer by layer every decode step, for chips that cannot hold the copy)."""
   max_prompt_len: int = 128
   max_new_tokens: int = 256
   samples_per_prompt: int = 1
@@ -66,6 +69,8 @@ class RolloutConfig:
   top_p: float = 1.0
   truncate: str = "left"
   cache_phases: int | None = None
+  compactions: int | None = None
+  gathered_weights: bool = True
 
   def __post_init__(self):
     if self.truncate not in ("left", "error"):
@@ -74,6 +79,8 @@ class RolloutConfig:
       raise CotsafeError("RolloutConfig: samples_per_prompt, max_prompt_len and max_new_tokens must be >= 1")
     if self.cache_phases is not None and self.cache_phases < 1:
       raise CotsafeError(f"RolloutConfig.cache_phases={self.cache_phases} (expected >= 1, or None for automatic)")
+    if self.compactions is not None and self.compactions < 0:
+      raise CotsafeError(f"RolloutConfig.compactions={self.compactions} (expected >= 0, or None for automatic)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -238,7 +245,8 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: Any, p
       policy_cfg=cfg, critic_cfg=critic_cfg, ppo=ppo, policy_tx=policy_tx, critic_tx=critic_tx, mesh=mesh,
       rows=rows_per_step, prompt_len=rollout.max_prompt_len, completion_len=t,
       sampling=ppo_programs.Sampling(temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p,
-                                     cache_phases=rollout.cache_phases, eos_ids=eos, pad_id=pad_id))
+                                     cache_phases=rollout.cache_phases, compactions=rollout.compactions,
+                                     gathered_weights=rollout.gathered_weights, eos_ids=eos, pad_id=pad_id))
   # frozen initial policy, in the compute dtype; then the train state, born sharded (the params are donated to it)
   reference = programs.reference(params)
   state = programs.init_state(params, backbone, jnp.int32(seed))
@@ -280,12 +288,14 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: Any, p
         rows_b = [r for r in rows for _ in range(n)]
         rng, gen_rng, perm_rng = jax.random.split(state.rng, 3)
         state = state.replace(rng=jax.device_put(rng, replicated))
-        gen = rollout_lib.generate(cfg, state.policy, parallel.global_array(prompt_bp, bt_sharding),
+        # the policy laid out for sampling once per rollout (compute dtype, whole on data x fsdp), freed after it
+        gen = rollout_lib.generate(cfg, programs.decode_params(state.policy),
+                                   parallel.global_array(prompt_bp, bt_sharding),
                                    parallel.global_array(pmask_bp, bt_sharding), rng=gen_rng, max_new_tokens=t,
                                    temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p,
                                    eos_ids=eos, pad_id=pad_id, buckets=(rollout.max_prompt_len,),
-                                   cache_phases=rollout.cache_phases, mesh=mesh)
-        comp_bt, cmask_bt = _host(gen.tokens_bt), _host(gen.mask_bt)
+                                   cache_phases=rollout.cache_phases, compactions=rollout.compactions, mesh=mesh)
+        comp_bt, cmask_bt, decoded_rows = _host(gen.tokens_bt), _host(gen.mask_bt), _host(gen.decoded_rows)
       with logger.phase("score"):
         batch = Rollout(tokens_bs=parallel.global_array(np.concatenate([prompt_bp, comp_bt], 1), bt_sharding),
                         mask_bs=parallel.global_array(np.concatenate([pmask_bp, cmask_bt], 1), bt_sharding),
@@ -350,6 +360,9 @@ def train(*, workdir: str, policy: PolicySpec, reward: RewardFn, prompts: Any, p
           "data/prompts_truncated": float(num_truncated),
           "rollout/logprob_mismatch": float(adv["logprob_abs_diff"]),
           "rollout/logprob_kl": float(adv["logprob_kl"]),
+          # the share of the decode loop's row-steps that produced a token (finished rows ride along until the
+          # loop ends or compacts them away)
+          "rollout/decode_utilisation": float((mask_f.sum() - len(rows_b)) / max(int(decoded_rows), 1)),
       }
       if ppo.tis_cap is not None:
         metrics["rollout/tis_weight_mean"] = float(adv["tis_weight_mean"])

@@ -79,8 +79,8 @@ def compiled_programs(request):
 def test_tiny_ppo_programs_compile_and_state_bytes_match_shards(compiled_programs):
   target, mesh, progs, args, compiled = compiled_programs
   state, reference = args["update"][0], args["score"][1]
-  state_args = {"update": (state,), "score": (state.policy, reference, state.critic), "generate": (state.policy,),
-                "advantage": ()}  # the leading arguments of each program that are resident state
+  state_args = {"update": (state,), "score": (state.policy, reference, state.critic), "generate": (),
+                "decode_params": (state.policy,), "advantage": ()}  # leading arguments that are resident state
   for name, c in compiled.items():
     formats = jax.tree.leaves(c.input_formats)
     leaves = jax.tree.leaves(args[name])
@@ -98,6 +98,31 @@ def test_tiny_ppo_programs_compile_and_state_bytes_match_shards(compiled_program
   whole = sum(x.size * 4 for x in jax.tree.leaves(state.policy))
   per_device = sum(math.prod(_shard_shape(x, mesh)) * 4 for x in jax.tree.leaves(state.policy))
   assert per_device < 0.6 * whole  # the float32 policy is split, not replicated
+
+
+def test_generate_temporaries_do_not_scale_with_the_layer_weights():
+  # compiled for v5e:2x2 at two MLP widths: generate reads the decode layout (bf16, whole per chip) as an argument
+  # made once per rollout; the layer weights' growth shows in its argument bytes, not in its temporaries (the cache
+  # and activations)
+  from cotsafe_jax.rollout import decode, sampler
+  mesh = parallel.make_mesh(devices=targets.devices(targets.parse_target(TPU)))
+  rows = parallel.batch_sharding(mesh, 2, (8, 16))
+  prompt = (jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=rows),
+            jax.ShapeDtypeStruct((8, 16), bool, sharding=rows),
+            jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=parallel.replicated(mesh)))
+  temps, args, layer_bytes = [], [], []
+  for width in (512, 4096):
+    cfg = models.tiny_config("qwen2", vocab_size=256, hidden_size=512, intermediate_size=width, dtype=jnp.bfloat16)
+    layout = decode.abstract_decode_params(cfg, mesh)
+    program = sampler.generate_program(cfg, mesh, batch=8, prompt_len=16, max_new_tokens=16, temperature=1.0)
+    ma = program.lower(layout, *prompt).compile().memory_analysis()
+    temps.append(ma.temp_size_in_bytes)
+    args.append(ma.argument_size_in_bytes)
+    layer_bytes.append(sum(x.size * 2 for x in jax.tree.leaves(layout.weights["layers"])))  # bf16, whole per chip
+  grown = layer_bytes[1] - layer_bytes[0]
+  assert args[1] - args[0] == pytest.approx(grown, rel=0.01), (args, grown)  # the weights come in as arguments
+  # what does grow is the MLP's activations (8 rows x 16 prompt tokens x width): a few % of the weights here
+  assert temps[1] - temps[0] < 0.15 * grown, (temps, grown)
 
 
 def test_optimizer_state_sharded_like_params_in_the_compiled_update(compiled_programs):
@@ -154,7 +179,7 @@ def test_tiny_plan_writes_the_schema(tmp_path):
       assert isinstance(p[key], int) and p[key] >= 0, (name, key)
     assert p["fits"] is True
     assert p["peak_bytes"] >= p["argument_bytes"] + p["temp_bytes"] - p["alias_bytes"]
-    assert (p["model_flops"] is None) == (name == "advantage")
+    assert (p["model_flops"] is None) == (name in ("advantage", "decode_params"))
   # the update's peak counts the scorers and the reference that stay resident beside it
   resident = saved["resident_bytes_per_device"]
   assert saved["programs"]["update"]["resident_outside_bytes"] == (
@@ -189,7 +214,12 @@ TINY_BINDINGS = ["PolicySpec.config = @tiny_config()", "plan.safety_rm_config = 
                  "plan.guard_max_len = 64", "SFTConfig.max_len = 32", "plan.programs = ['update']"]
 
 
-@pytest.mark.parametrize("name", PLAN_GINS)
+# one plan per target kind in CI (a v5e TPU slice, H100s), the rest slow: each is a 15-25 s compile on 2 cores
+_CI_PLAN_GINS = ("r1_distill_qwen_1_5b_ppo_v5e_8.gin", "r1_distill_qwen_1_5b_ppo_8xh100.gin")
+
+
+@pytest.mark.parametrize("name", [n if n in _CI_PLAN_GINS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in PLAN_GINS])
 def test_each_plan_gin_compiles_at_tiny_scale(name, tmp_path):
   """The shipped plan files with the tiny model in place of the real one: same targets, meshes, batch."""
   from cotsafe_jax import jobs

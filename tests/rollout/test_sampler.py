@@ -101,7 +101,7 @@ def test_sampled_logprobs_support_and_frequencies_match_filtered_softmax(raw_par
   kw = dict(max_new_tokens=t, temperature=temperature, top_k=top_k, top_p=top_p, return_entropy=True)
   out = rollout.generate(CFG, params, prompt, mask, rng=jax.random.key(1), **kw)
 
-  head = jax.tree.map(lambda x: x[:5], out)
+  head = jax.tree.map(lambda x: x[:5] if np.ndim(x) else x, out)
   z_btv = _teacher_logits(params, prompt[:5], mask[:5], head) / temperature
   tokens = np.asarray(head.tokens_bt)
   for b in range(5):
@@ -141,7 +141,7 @@ def test_two_level_draw_matches_distribution_across_blocks():
   z_v[rs.rand(300) < 0.3] = -np.inf
   z_v[[0, 127, 128, 255, 256, 299]] = [2.0, 2.5, 2.2, -np.inf, 2.4, 2.6]  # block edges
   n = 50_000
-  draw = jax.jit(lambda k: sampler._draw(k, jnp.broadcast_to(jnp.asarray(z_v), (n, 300))))
+  draw = jax.jit(lambda k: sampler._draw(jax.random.uniform(k, (n,)), jnp.broadcast_to(jnp.asarray(z_v), (n, 300))))
   idx_b, logp_b, ent_b = (np.asarray(x) for x in draw(jax.random.key(3)))
   p_v = np.exp(z_v.astype(np.float64) - np.log(np.exp(z_v.astype(np.float64)).sum()))
   counts = np.bincount(idx_b, minlength=300)
@@ -195,6 +195,15 @@ def test_sharded_on_8_devices_equals_single_device(params):
   np.testing.assert_array_equal(np.asarray(many.finished_b), np.asarray(one.finished_b))
   np.testing.assert_allclose(np.asarray(many.logprobs_bt), np.asarray(one.logprobs_bt), atol=1e-5)
   np.testing.assert_allclose(np.asarray(many.entropy_bt), np.asarray(one.entropy_bt), atol=1e-5)
+  # the decode layout: whole on data x fsdp (split over tensor only), or split like the params; same draws
+  for gathered in (True, False):
+    layout = rollout.decode_params(CFG, sharded, gathered=gathered)
+    specs = {tuple(x.sharding.spec) for x in jax.tree.leaves(layout.weights["layers"])}
+    assert any("tensor" in sp for sp in specs)
+    assert any("fsdp" in str(sp) for sp in specs) != gathered
+    again = rollout.generate(CFG, layout, prompt, mask, **kw)
+    np.testing.assert_array_equal(np.asarray(again.tokens_bt), np.asarray(one.tokens_bt))
+    np.testing.assert_allclose(np.asarray(again.logprobs_bt), np.asarray(one.logprobs_bt), atol=1e-5)
 
 
 def test_cache_phases_decode_the_same_tokens(params):
@@ -219,11 +228,53 @@ def test_cache_phases_decode_the_same_tokens(params):
   logp = special.log_softmax(_teacher_logits(params, prompt, mask, many), axis=-1)
   want = np.take_along_axis(logp, np.asarray(many.tokens_bt)[..., None], -1)[..., 0]
   np.testing.assert_allclose(np.asarray(many.logprobs_bt), np.where(np.asarray(many.mask_bt), want, 0), atol=1e-4)
-  # every row stops at its first token: the later phases' loops do not run, the cache still grows
+  # every row stops at its first token: the later phases' loops do not run
   every = rollout.generate(CFG, params, prompt, mask, cache_phases=3, eos_ids=tuple(range(64)),
                            **{k: v for k, v in kw.items() if k != "eos_ids"})
   np.testing.assert_array_equal(np.asarray(every.mask_bt), np.arange(10)[None, :].repeat(8, 0) < 1)
   np.testing.assert_array_equal(np.asarray(every.tokens_bt[:, 0]), np.asarray(one.tokens_bt[:, 0]))
+
+
+def _decoded_rows(out, compactions):
+  """Plain-Python twin of the decode loop's work: step i runs while a row is live; the batch halves (up to
+  `compactions` times) once at most half of it is live."""
+  lengths = np.asarray(out.mask_bt).sum(axis=1)
+  finished = np.asarray(out.finished_b)
+  b, t = out.mask_bt.shape
+  rows, level, total = b, 0, 0
+  for i in range(1, t):
+    live = int(np.sum(~finished | (lengths > i)))  # rows that have not emitted their stop token before step i
+    if live == 0:
+      break
+    while level < compactions and live <= rows // 2:
+      rows, level = rows // 2, level + 1
+    total += rows
+  return total
+
+
+def test_compaction_decodes_the_same_tokens_with_less_work(params):
+  # the batch halves once most rows have stopped (their caches move along): same draws, row by row, as the full
+  # batch (every row keeps its own uniforms), on one device and on 8; the work is what the loop's twin counts
+  prompt, mask = _prompts([6, 2, 9, 4, 9, 1, 7, 3], 9, seed=11)
+  kw = dict(rng=jax.random.key(5), max_new_tokens=24, temperature=1.0, eos_ids=tuple(range(0, 64, 5)),
+            cache_phases=2, return_entropy=True)
+  full = rollout.generate(CFG, params, prompt, mask, compactions=0, **kw)
+  lengths = np.asarray(full.mask_bt).sum(axis=1)
+  assert np.asarray(full.finished_b).any() and len(set(lengths)) > 3  # rows stop at different steps
+  assert int(full.decoded_rows) == _decoded_rows(full, 0)
+  mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+  sharded = _scaled(models.init_params(CFG, jax.random.key(0), mesh=mesh))
+  for p, n in ((params, 2), (sharded, 1)):
+    out = rollout.generate(CFG, p, prompt, mask, compactions=n, **kw)
+    np.testing.assert_array_equal(np.asarray(out.tokens_bt), np.asarray(full.tokens_bt))
+    np.testing.assert_array_equal(np.asarray(out.mask_bt), np.asarray(full.mask_bt))
+    np.testing.assert_array_equal(np.asarray(out.finished_b), np.asarray(full.finished_b))
+    np.testing.assert_allclose(np.asarray(out.logprobs_bt), np.asarray(full.logprobs_bt), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.entropy_bt), np.asarray(full.entropy_bt), atol=1e-5)
+    assert int(out.decoded_rows) == _decoded_rows(full, n) < int(full.decoded_rows)
+  with pytest.raises(CotsafeError, match="compactions=2 halves the batch of 8 rows 2 times, which needs a multiple "
+                                         "of 16 rows"):
+    rollout.generate(CFG, sharded, prompt, mask, compactions=2, **kw)
 
 
 def test_prompt_lengths_in_one_bucket_compile_once(params):
@@ -261,6 +312,8 @@ def test_bucket_length():
     (dict(top_k=-2), "top_k=-2"),
     (dict(max_new_tokens=0), "max_new_tokens=0"),
     (dict(cache_phases=0), "cache_phases=0 \\(expected a positive int, or None for automatic\\)"),
+    (dict(compactions=-1), "compactions=-1 \\(expected an int >= 0, or None for automatic\\)"),
+    (dict(compactions=2), "compactions=2 halves the batch of 2 rows 2 times, which needs a multiple of 4 rows"),
     (dict(eos_ids=(64,)), "eos_ids/pad_id \\[64\\] outside the vocabulary \\[0, 64\\)"),
     (dict(prompt=np.zeros((2, 4), np.int32)), "prompt_bp \\(2, 4\\) and prompt_mask_bp \\(2, 3\\)"),
     (dict(prompt=np.zeros((2, 3), np.float32)), "prompt_bp has dtype float32"),
@@ -284,11 +337,11 @@ def test_top_p_prefilter_draws_what_the_full_sort_draws(monkeypatch, spread):
   s = sampler._Sampling(1.0, 0, top_p, (), 0, True)
   nucleus = [int(np.isfinite(_filtered_logp(np.asarray(z, np.float64), 0, top_p)).sum()) for z in z_bv]
   assert (max(nucleus) <= 16) == (spread > 1), nucleus  # the two cases are what they claim
-  fast = jax.jit(lambda z, k: sampler._sample(z, k, s))
-  full = jax.jit(lambda z, k: sampler._top_k_top_p(z, k, v, top_p, lse_b=jax.nn.logsumexp(z, axis=-1)))
+  fast = jax.jit(lambda z, u: sampler._sample(z, u, s))
+  full = jax.jit(lambda z, u: sampler._top_k_top_p(z, u, v, top_p, lse_b=jax.nn.logsumexp(z, axis=-1)))
   for i in range(32):
-    key = jax.random.key(i)
-    (tok, logp, ent), (tok_full, logp_full, ent_full) = fast(z_bv, key), full(z_bv, key)
+    u_b = jax.random.uniform(jax.random.key(i), (8,))
+    (tok, logp, ent), (tok_full, logp_full, ent_full) = fast(z_bv, u_b), full(z_bv, u_b)
     np.testing.assert_array_equal(tok, tok_full)
     np.testing.assert_allclose(logp, logp_full, atol=1e-6)
     np.testing.assert_allclose(ent, ent_full, atol=1e-6)
