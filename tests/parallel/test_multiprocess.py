@@ -76,7 +76,9 @@ def test_ppo_two_processes_match_one(ppo_runs):
   _assert_params_close(os.path.join(one["dir"], "hf"), os.path.join(two["dir"], "hf"))
 
 
-# about 2 minutes on 2 cores (two more 2-process PPO runs), the heaviest test of this file
+# about 2 minutes on 2 cores (two more 2-process PPO runs), the heaviest test of this file: slow (the CI suite keeps
+# the 2-process PPO, SFT and checkpoint-layout tests)
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_and_rerun_resumes(ppo_runs, tmp_path):
   workdir = tmp_path / "stopped"
   args = PPO + [f"--workdir={workdir}"]
@@ -148,6 +150,7 @@ def test_checkpoint_crosses_process_layouts(sft_runs, tmp_path, writer, reader):
 
 
 # ---- evaluate -------------------------------------------------------------------------------------------
+@pytest.mark.slow  # about a minute on 2 cores
 def test_evaluate_two_processes_match_one(tmp_path):
   """The safety + reasoning suite (8 benchmark files, K=2 sampled responses, the guard model judging every
   sample in windows) as 2 processes and as 1: the same samples.jsonl and summary.json."""
