@@ -437,7 +437,7 @@ def generate(cfg: models.ModelConfig, params: Any, prompt_bp: Any, prompt_mask_b
   s = _Sampling(float(temperature), int(top_k), float(top_p), eos, int(pad_id), bool(return_entropy))
   batch = prompt_bp.shape[0]
   phases, compactions = _settings(mesh, batch, int(max_new_tokens), cache_phases, compactions)
-  if batch % (2 ** compactions * _shards(mesh)):
+  if compactions and batch % (2 ** compactions * _shards(mesh)):
     raise CotsafeError(f"generate: compactions={compactions} halves the batch of {batch} rows {compactions} times, "
                        f"which needs a multiple of {2 ** compactions * _shards(mesh)} rows (data x fsdp = "
                        f"{_shards(mesh)})")
