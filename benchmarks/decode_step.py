@@ -29,7 +29,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cotsafe_jax import models, parallel  # noqa: E402
 from cotsafe_jax.parallel import mesh as mesh_lib  # noqa: E402
-from cotsafe_jax.plan import targets  # noqa: E402
+from cotsafe_jax.plan import planner, targets  # noqa: E402
 from cotsafe_jax.rollout import decode, sampler  # noqa: E402
 
 GIB = 1024**3
@@ -67,18 +67,6 @@ def cache_args(cfg, mesh, rows: int, slots: int) -> dict:
                  for _ in range(cfg.num_layers)],
           "mask": [_sds((rows, slots), jnp.bool_, parallel.batch_sharding(mesh, 2, (rows, slots)))],
           "pos_b": _sds((rows,), jnp.int32, batch), "index": _sds((), jnp.int32, parallel.replicated(mesh))}
-
-
-def device_bytes(tree, mesh) -> int:
-  """Bytes of one device's shards of an abstract pytree."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    shard = x.sharding.shard_shape(x.shape)
-    n = 1
-    for d in shard:
-      n *= d
-    total += n * jnp.dtype(x.dtype).itemsize
-  return total
 
 
 def compile_step(cfg, mesh, weights, cache, rows: int) -> dict:
@@ -120,12 +108,12 @@ def main() -> int:
   for per_chip in args.rows_per_chip:
     rows = per_chip * mesh.shape["data"] * mesh.shape["fsdp"]
     cache = cache_args(cfg, mesh, rows, args.slots)
-    kv = device_bytes(cache["kv"], mesh)
+    kv = planner.count_bytes(cache["kv"])
     for name, weights in (("before", before), ("after", after)):
       r = compile_step(cfg, mesh, weights, cache, rows)
-      w = device_bytes(after, mesh)  # the floor reads the weights once, in bf16
+      w = planner.count_bytes(after)  # the floor reads the weights once, in bf16
       r.update(layout=name, rows_per_chip=per_chip, weight_bytes=w, kv_bytes=kv,
-               read_bytes_argument=device_bytes(weights, mesh), ratio=r["bytes_accessed"] / (w + kv))
+               read_bytes_argument=planner.count_bytes(weights), ratio=r["bytes_accessed"] / (w + kv))
       out_rows.append(r)
       print(f"{name} {per_chip} row(s)/chip: {r}", flush=True)
   print(f"\nR1-Distill-Qwen-7B ({args.layers} layers) decode step on {args.target} ({mesh.size} chips, mesh "
