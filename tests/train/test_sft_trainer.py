@@ -216,6 +216,36 @@ def test_resume_is_exact_after_num_steps_and_after_sigterm(straight, tmp_path, t
   assert again["step"] == 40 and again["loss"] == want["loss"]
 
 
+def test_padding_each_batch_to_its_longest_row_changes_no_maths(tmp_path, task_files, tok, cfg, mesh, monkeypatch):
+  ex = st.encode_rows(tok, load_sft(task_files["sft_safe"]).rows, max_len=CONFIG.max_len)
+  lengths = ex.attention_nt.sum(1)
+  rows = [{"_row": int(i)} for i in np.argsort(lengths, kind="stable")[:8]]  # 8 short rows
+  longest = max(int(lengths[r["_row"]]) for r in rows)
+  assert longest < 56  # they do not fill max_len = 64
+  cut = st._host_batch(ex, rows, 8)
+  assert {v.shape for v in cut.values()} == {(8, -(-longest // 8) * 8)}
+  assert int(cut["attention_bt"].sum()) == sum(int(lengths[r["_row"]]) for r in rows)  # only padding was cut
+  assert st._host_batch(ex, [{"_row": int(np.argmax(lengths))}], 8)["tokens_bt"].shape == (1, 64)
+  with pytest.raises(CotsafeError, match=r"SFTConfig.pad_to_multiple=0, expected a positive int"):
+    dataclasses.replace(CONFIG, pad_to_multiple=0)
+
+  # 6 steps with max_len 128 (no row cut): padded to max_len, or each batch to its longest row (lengths recorded)
+  widths = []
+  host_batch = st._host_batch
+  monkeypatch.setattr(st, "_host_batch", lambda *a: widths.append(host_batch(*a)["tokens_bt"].shape[1]) or
+                      host_batch(*a))
+  runs = {}
+  for pad in (None, 8):
+    workdir = tmp_path / f"pad{pad}"
+    _train(workdir, task_files, cfg, mesh, config={"num_steps": 6, "max_len": 128, "pad_to_multiple": pad},
+           export_hf=False)
+    with open(workdir / "metrics.jsonl") as f:
+      runs[pad] = [json.loads(line) for line in f]
+  assert widths[:6] == [128] * 6 and all(w % 8 == 0 and w < 128 for w in widths[6:]), widths
+  for key in ("loss", "grad_norm", "token_accuracy", "target_tokens"):
+    np.testing.assert_allclose([r[key] for r in runs[8]], [r[key] for r in runs[None]], rtol=2e-5, err_msg=key)
+
+
 def test_bad_rows_and_overlong_rows_are_errors(tmp_path, task_files, tok, cfg, mesh):
   path = tmp_path / "bad.jsonl"
   path.write_text(json.dumps({"prompt": "hi", "response": "hello."}) + "\n" + json.dumps({"prompt": "hi"}) + "\n")
