@@ -21,6 +21,7 @@ REQUIRED = ("safety_rate_cot", "safety_rate_answer", "accuracy", "over_refusal",
 def _launch(workdir, *params, check=True):
   # one CPU device, as on a laptop
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the study keeps its own in the workdir
   r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "tpu_run.py"), "--gin_file=gin/study_ci.gin",
                       f"--workdir={workdir}", *[f"--gin_param={p}" for p in params]], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=900)
@@ -132,6 +133,16 @@ def test_tuning_on_seed_0_validation_and_the_report(run):
   assert row.split("|")[2].strip() == f"{m['value']:.2f} [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}]"
   assert "| n (prompts) | 24 |" in md and "Paired differences" in md
   assert "Intervals: 95% percentile bootstrap over seeds and, within each drawn seed, over test prompts" in md
+
+
+def test_the_study_keeps_its_compiled_programs_in_the_workdir(run):
+  with open(os.path.join(run["dir"], "study_info.json")) as f:
+    info = json.load(f)
+  cache = os.path.join(run["dir"], "xla_cache")
+  assert info["compilation_cache"] == cache
+  # the SFT step (every seed's warm start, SFT and RFT runs) and the safety RM's step
+  names = {n.rsplit("-", 2)[0] for n in os.listdir(cache)}
+  assert {"jit_step", "jit_train_step"} <= names, names
 
 
 def test_rerun_resumes_and_another_config_is_refused(run):
