@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.kernels import _math, pallas_gpu, pallas_tpu, reference
-from cotsafe_jax.parallel.mesh import MESH_AXES, logical_to_spec, target_platform
+from cotsafe_jax.parallel.mesh import MESH_AXES, logical_to_spec, target_device_kind, target_platform
 
 IMPLS = ("auto", "naive", "xla", "pallas_tpu", "pallas_gpu")
 # CPU-tuned (benchmarks/logprob_entropy.py): big enough for efficient matmuls, small enough that
@@ -28,9 +28,10 @@ _WHERE = "kernels.logprob_entropy"
 class _Plan:
   impl: str
   inv_temp: float
-  block_t: int
-  block_v: int
+  block_t: int | None  # pallas_tpu: None = the chip's (fitted to its VMEM)
+  block_v: int | None
   interpret: bool = False  # Pallas off its own platform: the interpreter (tests on CPU)
+  chip: Any = None  # pallas_tpu: the TPU generation (pallas_tpu.Chip), which sizes blocks and VMEM
   mesh: Any = None  # jax.sharding.Mesh or AbstractMesh; None = single program
   token_axes: Any = None  # mesh axes the token dim is split over (None = replicated)
   vocab_axes: Any = None  # mesh axes the vocabulary is split over (None = replicated)
@@ -68,7 +69,8 @@ def logprob_entropy(hidden: jax.Array, w_unembed: jax.Array, targets: jax.Array,
   """
   h, w, y = _check(hidden, w_unembed, targets)
   inv_temp = 1.0 / _check_temperature(temperature)
-  platform = target_platform(_find_mesh(mesh, w_unembed))
+  found = _find_mesh(mesh, w_unembed, single=True)
+  platform = target_platform(found)
   impl = _resolve_impl(impl, platform)
   lead_shape = targets.shape
   d, v = w.shape
@@ -78,6 +80,8 @@ def logprob_entropy(hidden: jax.Array, w_unembed: jax.Array, targets: jax.Array,
     logp_n, ent_n = _naive_op(inv_temp)(h_nd, w, y_n)
   else:
     plan = _plan(impl, inv_temp, block_t, block_v, mesh, w_unembed, n, v, platform)
+    if impl == "pallas_tpu":
+      plan = dataclasses.replace(plan, chip=pallas_tpu.chip_of(target_device_kind(found)))
     logp_n, ent_n = _fused_op(plan)(h_nd, w, y_n)
   return logp_n.reshape(lead_shape), ent_n.reshape(lead_shape)
 
@@ -138,10 +142,12 @@ def _check_block(name: str, value: int | None) -> None:
 def _plan(impl, inv_temp, block_t, block_v, mesh, w_unembed, n, v, platform) -> _Plan:
   _check_block("block_t", block_t)
   _check_block("block_v", block_v)
-  defaults = {"xla": XLA_BLOCKS, "pallas_tpu": pallas_tpu.BLOCKS, "pallas_gpu": pallas_gpu.BLOCKS}
-  bt, bv = block_t or defaults[impl][0], block_v or defaults[impl][1]
-  if impl == "pallas_tpu":
-    pallas_tpu.check_blocks(bt, bv, where=_WHERE)
+  defaults = {"xla": XLA_BLOCKS, "pallas_gpu": pallas_gpu.BLOCKS}
+  if impl == "pallas_tpu":  # None: the chip's blocks, fitted to its VMEM at each call (pallas_tpu.fit_blocks)
+    bt, bv = block_t, block_v
+    pallas_tpu.check_blocks(bt or pallas_tpu.BLOCKS[0], bv or pallas_tpu.BLOCKS[1], where=_WHERE)
+  else:
+    bt, bv = block_t or defaults[impl][0], block_v or defaults[impl][1]
   if impl == "pallas_gpu":
     pallas_gpu.check_blocks(bt, bv, where=_WHERE)
   # Pallas off its own platform can only run in the interpreter (tests on CPU)
@@ -163,15 +169,19 @@ def _split_axes(axes, mesh):
   return axes if math.prod(mesh.shape[a] for a in names) > 1 else None
 
 
-def _find_mesh(mesh, w_unembed):
+def _find_mesh(mesh, w_unembed, *, single: bool = False):
+  """The mesh to split over (None: one program); single=True also returns a one-device mesh (its devices name
+  the target platform and chip)."""
   if mesh is None:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
       sharding = getattr(w_unembed, "sharding", None)
       concrete = isinstance(w_unembed, jax.Array) and not isinstance(w_unembed, jax.core.Tracer)
       mesh = sharding.mesh if concrete and isinstance(sharding, NamedSharding) else None
-  if mesh is None or mesh.empty or mesh.size == 1:
+  if mesh is None or mesh.empty or (mesh.size == 1 and not single):
     return None
+  if mesh.size == 1:
+    return mesh
   if not set(MESH_AXES) <= set(mesh.axis_names):
     raise CotsafeError(f"{_WHERE}: mesh axes {tuple(mesh.axis_names)} (expected the project's "
                        f"{MESH_AXES}, from parallel.mesh.make_mesh)")
@@ -185,6 +195,8 @@ def _naive_op(inv_temp: float):
 
 def _kw(plan: _Plan) -> dict:
   kw = dict(inv_temp=plan.inv_temp, block_t=plan.block_t, block_v=plan.block_v)
+  if plan.impl == "pallas_tpu":
+    return dict(kw, interpret=plan.interpret, chip=plan.chip or pallas_tpu.UNKNOWN)
   return kw if plan.impl == "xla" else dict(kw, interpret=plan.interpret)
 
 

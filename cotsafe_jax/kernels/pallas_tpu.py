@@ -5,6 +5,7 @@ only in VMEM; per-token values travel lane-packed in [N, 128] float32 tiles (TPU
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -17,6 +18,28 @@ from cotsafe_jax.kernels import _math
 
 BLOCKS = (256, 512)
 _LANES = 128
+_MIB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """What the kernels need of a TPU generation: VMEM per TensorCore (the figures of jax's Pallas tpu_info, which
+  needs a live TPU to be asked) and the default (block_t, block_v)."""
+  name: str
+  vmem_bytes: int
+  blocks: tuple[int, int]
+
+
+# keyed on jax's device_kind (also the deviceless topology devices' kind, so a plan compiles for the right chip)
+CHIPS = {"v4": Chip("v4", 16 * _MIB, (256, 256)), "v5e": Chip("v5e", 128 * _MIB, (512, 512)),
+         "v5p": Chip("v5p", 64 * _MIB, (256, 512)), "v6e": Chip("v6e", 128 * _MIB, (512, 512))}
+_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
+          "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
+# a kind not in the table (a newer or older TPU): the smallest VMEM of the table, so what compiles fits
+UNKNOWN = Chip("unknown TPU", 16 * _MIB, BLOCKS)
+# of VMEM for the estimate below (Mosaic's own scratch): checked by compiling the issue's shapes for every chip
+# (tests/kernels/test_pallas_tpu_chips.py); v4 at D = 8192 compiles at an estimate of 16.6 MiB of its 16
+_BUDGET = 0.85
 _NT = (((1,), (0,)), ((), ()))  # [t, d] x [d, v]
 _TRANS_B = (((1,), (1,)), ((), ()))  # [t, v] x [d, v] -> [t, d]
 _TRANS_A = (((0,), (0,)), ((), ()))  # [t, d] x [t, v] -> [d, v]
@@ -29,6 +52,52 @@ def check_blocks(block_t: int, block_v: int, *, where: str) -> None:
   if block_v % _LANES:
     raise CotsafeError(f"{where}: block_v={block_v} for pallas_tpu (expected a multiple of 128: "
                        "TPU lane width)")
+
+
+def chip_of(device_kind: str | None) -> Chip:
+  return CHIPS[_KINDS[device_kind]] if device_kind in _KINDS else UNKNOWN
+
+
+def vmem_estimate(n: int, d: int, v: int, bt: int, bv: int, h_dtype, w_dtype) -> int:
+  """Bytes of VMEM the largest of the three kernels holds at these blocks: double-buffered input and output
+  tiles, the float32 accumulator (dh: and the product added to it), the [bt, bv] logit-tile temporaries, and
+  the masked / cast copy of the W tile (dh: when V is not a multiple of bv or W is not in the compute dtype) or
+  of the h tile (dW: the same for N and h). An upper bound: Mosaic compiled every case of the tests within it."""
+  ih, iw = jnp.dtype(h_dtype).itemsize, jnp.dtype(w_dtype).itemsize
+  ic = jnp.dtype(jnp.promote_types(h_dtype, w_dtype)).itemsize
+  common = 2 * (bt * d * ih + d * bv * iw) + 2 * bt * _LANES * 4 + 6 * bt * bv * 4
+  stats = common + 3 * bt * _LANES * 4
+  dh = common + 4 * bt * d * 4 + (d * bv * ic if v % bv or iw != ic else 0)
+  dw = common + 2 * d * bv * iw + d * bv * 4 + (bt * d * ic if n % bt or ih != ic else 0)
+  return max(stats, dh, dw)
+
+
+def fit_blocks(chip: Chip, n: int, d: int, v: int, h_dtype, w_dtype, block_t: int | None = None,
+               block_v: int | None = None, *, where: str) -> tuple[int, int, int]:
+  """(block_t, block_v, vmem_limit_bytes) for this chip: the given blocks, or the chip's default halved (block_v
+  down to 128, then block_t down to 16) until vmem_estimate fits 85% of its VMEM. Given blocks that do not fit
+  are an error naming the chip and the bytes."""
+  given = block_t is not None or block_v is not None
+  bt, bv = block_t or chip.blocks[0], block_v or chip.blocks[1]
+
+  def clamp(bt, bv):  # a block equal to the whole dim is always legal
+    return (n if n <= bt else bt), (v if v <= bv else bv)
+
+  budget = int(_BUDGET * chip.vmem_bytes)
+  while not given and vmem_estimate(n, d, v, *clamp(bt, bv), h_dtype, w_dtype) > budget:
+    if bv > _LANES:
+      bv //= 2
+    elif bt > 16:
+      bt //= 2
+    else:
+      break
+  bt, bv = clamp(bt, bv)
+  need = vmem_estimate(n, d, v, bt, bv, h_dtype, w_dtype)
+  if need > budget:
+    raise CotsafeError(f"{where}: pallas_tpu blocks ({bt}, {bv}) at D={d} need ~{need / _MIB:.1f} MiB of VMEM, "
+                       f"over {_BUDGET:.0%} of the {chip.vmem_bytes // _MIB} MiB of a {chip.name} core (expected "
+                       "smaller block_t / block_v, W in a 2-byte dtype, or impl='xla')")
+  return bt, bv, min(chip.vmem_bytes, max(int(1.25 * need), 16 * _MIB))
 
 
 def _lane(x_rl: jax.Array, k: int) -> jax.Array:
@@ -101,10 +170,11 @@ def _dh_kernel(h_ref, w_ref, tok_ref, dh_ref, acc_ref, *, n: int, v: int, inv_te
     acc_ref[...] = jnp.zeros_like(acc_ref)
 
   dz_tc = _dz(h_ref, w_ref, tok_ref, i, j, n=n, v=v, inv_temp=inv_temp, cdt=cdt)
-  d, bv = w_ref.shape
-  cols_dc = j * bv + jax.lax.broadcasted_iota(jnp.int32, (d, bv), 1)
-  w_dc = jnp.where(cols_dc < v, w_ref[...], 0).astype(cdt)  # 0 * garbage would be NaN
-  acc_ref[...] += jax.lax.dot_general(dz_tc, w_dc, _TRANS_B, preferred_element_type=jnp.float32,
+  w_dc = w_ref[...]
+  if v % w_dc.shape[1]:  # a partial last block: 0 * garbage would be NaN (a [1, bv] mask, no [d, bv] iota)
+    cols_1c = j * w_dc.shape[1] + jax.lax.broadcasted_iota(jnp.int32, (1, w_dc.shape[1]), 1)
+    w_dc = jnp.where(cols_1c < v, w_dc, 0)
+  acc_ref[...] += jax.lax.dot_general(dz_tc, w_dc.astype(cdt), _TRANS_B, preferred_element_type=jnp.float32,
                                       precision=_math.matmul_precision(cdt))
 
   @pl.when(j == nv - 1)
@@ -120,10 +190,11 @@ def _dw_kernel(h_ref, w_ref, tok_ref, dw_ref, acc_ref, *, n: int, v: int, inv_te
     acc_ref[...] = jnp.zeros_like(acc_ref)
 
   dz_tc = _dz(h_ref, w_ref, tok_ref, i, j, n=n, v=v, inv_temp=inv_temp, cdt=cdt)
-  bt, d = h_ref.shape
-  rows_td = i * bt + jax.lax.broadcasted_iota(jnp.int32, (bt, d), 0)
-  h_td = jnp.where(rows_td < n, h_ref[...], 0).astype(cdt)  # 0 * garbage would be NaN
-  acc_ref[...] += jax.lax.dot_general(h_td, dz_tc, _TRANS_A, preferred_element_type=jnp.float32,
+  h_td = h_ref[...]
+  if n % h_td.shape[0]:  # a partial last block: 0 * garbage would be NaN (a [bt, 1] mask)
+    rows_t1 = i * h_td.shape[0] + jax.lax.broadcasted_iota(jnp.int32, (h_td.shape[0], 1), 0)
+    h_td = jnp.where(rows_t1 < n, h_td, 0)
+  acc_ref[...] += jax.lax.dot_general(h_td.astype(cdt), dz_tc, _TRANS_A, preferred_element_type=jnp.float32,
                                       precision=_math.matmul_precision(cdt))
 
   @pl.when(i == nt - 1)
@@ -131,27 +202,25 @@ def _dw_kernel(h_ref, w_ref, tok_ref, dw_ref, acc_ref, *, n: int, v: int, inv_te
     dw_ref[...] = acc_ref[...].astype(dw_ref.dtype)
 
 
-def _sizes(h_nd, w_dv, block_t: int, block_v: int):
+def _sizes(h_nd, w_dv, block_t: int | None, block_v: int | None, chip: Chip, interpret: bool):
+  """(n, d, v, bt, bv, compute dtype, compiler params): blocks and VMEM limit from the chip (fit_blocks); in the
+  interpreter (no VMEM) the blocks as given (or the default)."""
   (n, d), v = h_nd.shape, w_dv.shape[1]
   if v >= 2**24:
     raise CotsafeError(f"kernels.pallas_tpu: V={v} (expected V < 2**24: targets travel as float32)")
-  # A block equal to the whole dim is always legal; otherwise the (16, 128)-aligned block.
-  bt, bv = (n if n <= block_t else block_t), (v if v <= block_v else block_v)
-  return n, d, v, bt, bv, jnp.promote_types(h_nd.dtype, w_dv.dtype)
+  if interpret:
+    bt, bv = block_t or BLOCKS[0], block_v or BLOCKS[1]
+    bt, bv, limit = (n if n <= bt else bt), (v if v <= bv else bv), None
+  else:
+    bt, bv, limit = fit_blocks(chip, n, d, v, h_nd.dtype, w_dv.dtype, block_t, block_v, where="kernels.pallas_tpu")
+  params = pltpu.CompilerParams(dimension_semantics=(pltpu.PARALLEL, pltpu.ARBITRARY), vmem_limit_bytes=limit)
+  return n, d, v, bt, bv, jnp.promote_types(h_nd.dtype, w_dv.dtype), params
 
 
-def _params(bt: int, bv: int, d: int, itemsize: int) -> pltpu.CompilerParams:
-  tiles = 2 * (bt * d + d * bv) * itemsize + 4 * bt * _LANES * 4  # double-buffered inputs
-  accs = 2 * max(bt * d, d * bv) * 4 + 8 * bt * bv * 4  # accumulator, output, tile temporaries
-  limit = min(max(int(1.5 * (tiles + accs)), 16 << 20), 64 << 20)
-  return pltpu.CompilerParams(dimension_semantics=(pltpu.PARALLEL, pltpu.ARBITRARY),
-                              vmem_limit_bytes=limit)
-
-
-def stats(h_nd: jax.Array, w_dv: jax.Array, y_n: jax.Array, *, inv_temp: float, block_t: int,
-          block_v: int, interpret: bool) -> tuple[jax.Array, ...]:
+def stats(h_nd: jax.Array, w_dv: jax.Array, y_n: jax.Array, *, inv_temp: float, block_t: int | None,
+          block_v: int | None, interpret: bool, chip: Chip = UNKNOWN) -> tuple[jax.Array, ...]:
   """Per-token (m, s, u, x_y) over this vocabulary slice (see _math.update_stats)."""
-  n, d, v, bt, bv, cdt = _sizes(h_nd, w_dv, block_t, block_v)
+  n, d, v, bt, bv, cdt, params = _sizes(h_nd, w_dv, block_t, block_v, chip, interpret)
   kernel = functools.partial(_stats_kernel, v=v, inv_temp=inv_temp, cdt=cdt)
   out_nl = pl.pallas_call(
       kernel, grid=(pl.cdiv(n, bt), pl.cdiv(v, bv)),
@@ -161,19 +230,18 @@ def stats(h_nd: jax.Array, w_dv: jax.Array, y_n: jax.Array, *, inv_temp: float, 
       out_specs=pl.BlockSpec((bt, _LANES), lambda i, j: (i, 0)),
       out_shape=jax.ShapeDtypeStruct((n, _LANES), jnp.float32),
       scratch_shapes=[pltpu.VMEM((bt, _LANES), jnp.float32)],
-      compiler_params=_params(bt, bv, d, jnp.dtype(cdt).itemsize),
-      interpret=interpret, name="logprob_entropy_stats",
+      compiler_params=params, interpret=interpret, name="logprob_entropy_stats",
   )(h_nd, w_dv, _lanes_n(y_n))
   return tuple(out_nl[:, k] for k in range(4))
 
 
 def grads(h_nd: jax.Array, w_dv: jax.Array, y_n: jax.Array, lse_n: jax.Array, mu_n: jax.Array,
-          g_logp_n: jax.Array, g_ent_n: jax.Array, *, inv_temp: float, block_t: int,
-          block_v: int, interpret: bool) -> tuple[jax.Array, jax.Array]:
-  """(dh float32 [N, D], dW in W's dtype [D, V]): two kernels, each recomputing the logit tiles."""
-  n, d, v, bt, bv, cdt = _sizes(h_nd, w_dv, block_t, block_v)
+          g_logp_n: jax.Array, g_ent_n: jax.Array, *, inv_temp: float, block_t: int | None,
+          block_v: int | None, interpret: bool, chip: Chip = UNKNOWN) -> tuple[jax.Array, jax.Array]:
+  """(dh float32 [N, D], dW in W's dtype [D, V]): two kernels, each recomputing the logit tiles; dW is
+  accumulated in a float32 VMEM tile per vocabulary block and written once in W's dtype."""
+  n, d, v, bt, bv, cdt, params = _sizes(h_nd, w_dv, block_t, block_v, chip, interpret)
   tok_nl = _lanes_n(y_n, lse_n, mu_n, g_logp_n, g_ent_n)
-  params = _params(bt, bv, d, jnp.dtype(cdt).itemsize)
   kw = dict(n=n, v=v, inv_temp=inv_temp, cdt=cdt)
   nt, nv = pl.cdiv(n, bt), pl.cdiv(v, bv)
   dh_nd = pl.pallas_call(

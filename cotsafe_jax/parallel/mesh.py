@@ -162,6 +162,18 @@ def target_platform(mesh: Any = None) -> str:
   return jax.default_backend()
 
 
+def target_device_kind(mesh: Any = None) -> str:
+  """The device kind a program is compiled for ("TPU v5 lite", "NVIDIA H100 80GB HBM3", "cpu"), found like
+  target_platform."""
+  if mesh is not None:
+    device = getattr(mesh, "abstract_device", None)
+    if device is not None and getattr(device, "device_kind", None):
+      return device.device_kind
+    if hasattr(mesh, "devices"):
+      return mesh.devices.flat[0].device_kind
+  return jax.devices()[0].device_kind
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """`x` constrained to the sharding of its logical axes under the context mesh; a no-op without one."""
   mesh = _context_mesh()
