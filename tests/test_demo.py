@@ -20,11 +20,12 @@ def _bindings(path):
 
 def test_demo_and_study_share_one_design():
   demo, study = _bindings("gin/demo_cpu.gin"), _bindings("gin/study_cpu.gin")
-  # the design lives in gin/study_base.gin; each job file only names its job, seeds and how rates are chosen
+  # the design lives in gin/study_base.gin; each job file only names its job, seeds and how rates are chosen (the
+  # study also pads SFT batches to their longest row: the same maths, tests/train/test_sft_trainer.py)
   assert {k for k in demo if not k.startswith(("run.", "demo."))} == {"TaskConfig.seed", "Tuning.fixed"}
   assert {k for k in study if not k.startswith(("run.", "study."))} == {
       "Tuning.sft_learning_rates", "Tuning.sft_steps", "Tuning.ppo_learning_rates", "Tuning.ppo_eval_every",
-      "Tuning.val_samples_per_prompt"}
+      "Tuning.val_samples_per_prompt", "warm/SFTConfig.pad_to_multiple", "arm/SFTConfig.pad_to_multiple"}
   assert {k[5:]: v for k, v in demo.items() if k.startswith("demo.")} == {
       k[6:]: v for k, v in study.items() if k.startswith("study.") and k != "study.seeds"}
   for path in ("gin/demo_cpu.gin", "gin/study_cpu.gin"):

@@ -21,7 +21,6 @@ REQUIRED = ("safety_rate_cot", "safety_rate_answer", "accuracy", "over_refusal",
 def _launch(workdir, *params, check=True):
   # one CPU device, as on a laptop
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the study keeps its own in the workdir
   r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "tpu_run.py"), "--gin_file=gin/study_ci.gin",
                       f"--workdir={workdir}", *[f"--gin_param={p}" for p in params]], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=900)
@@ -135,14 +134,30 @@ def test_tuning_on_seed_0_validation_and_the_report(run):
   assert "Intervals: 95% percentile bootstrap over seeds and, within each drawn seed, over test prompts" in md
 
 
-def test_the_study_keeps_its_compiled_programs_in_the_workdir(run):
-  with open(os.path.join(run["dir"], "study_info.json")) as f:
-    info = json.load(f)
-  cache = os.path.join(run["dir"], "xla_cache")
-  assert info["compilation_cache"] == cache
-  # the SFT step (every seed's warm start, SFT and RFT runs) and the safety RM's step
-  names = {n.rsplit("-", 2)[0] for n in os.listdir(cache)}
-  assert {"jit_step", "jit_train_step"} <= names, names
+def test_the_study_keeps_its_compiled_programs_in_the_workdir(tmp_path):
+  """Without a configured cache the study uses <workdir>/xla_cache (a program compiled there is stored) and puts
+  the setting back after; a configured one (the tests' JAX_COMPILATION_CACHE_DIR) is left alone."""
+  import jax
+  import jax.numpy as jnp
+  from jax.experimental.compilation_cache import compilation_cache
+  from cotsafe_jax.study import run as study_run
+  configured = jax.config.jax_compilation_cache_dir
+  min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+  if configured:
+    assert study_run._CompileCache(str(tmp_path)).dir is None
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # store even this tiny program
+    cache = study_run._CompileCache(str(tmp_path))
+    assert cache.dir == str(tmp_path / "xla_cache") and jax.config.jax_compilation_cache_dir == cache.dir
+    jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.25)(jnp.arange(7.0)).block_until_ready()
+    assert any(n.startswith("jit_") for n in os.listdir(cache.dir))
+    cache.close()
+    assert jax.config.jax_compilation_cache_dir is None
+  finally:
+    jax.config.update("jax_compilation_cache_dir", configured)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+    compilation_cache.reset_cache()
 
 
 def test_rerun_resumes_and_another_config_is_refused(run):
