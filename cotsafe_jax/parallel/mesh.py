@@ -150,28 +150,27 @@ def _context_mesh():
   return mesh
 
 
+def _target_device(mesh: Any) -> Any:
+  """One device of the mesh a program is compiled for (a Mesh's, or an AbstractMesh's abstract device), or None."""
+  if mesh is None:
+    return None
+  device = getattr(mesh, "abstract_device", None)
+  if device is not None and getattr(device, "platform", None):
+    return device
+  return mesh.devices.flat[0] if hasattr(mesh, "devices") else None
+
+
 def target_platform(mesh: Any = None) -> str:
   """The platform a program is compiled for: the mesh's devices (a target compiled ahead of time on a CPU host
   is a TPU or GPU mesh), else the default backend."""
-  if mesh is not None:
-    device = getattr(mesh, "abstract_device", None)
-    if device is not None and getattr(device, "platform", None):
-      return device.platform
-    if hasattr(mesh, "devices"):
-      return mesh.devices.flat[0].platform
-  return jax.default_backend()
+  device = _target_device(mesh)
+  return device.platform if device is not None else jax.default_backend()
 
 
 def target_device_kind(mesh: Any = None) -> str:
   """The device kind a program is compiled for ("TPU v5 lite", "NVIDIA H100 80GB HBM3", "cpu"), found like
   target_platform."""
-  if mesh is not None:
-    device = getattr(mesh, "abstract_device", None)
-    if device is not None and getattr(device, "device_kind", None):
-      return device.device_kind
-    if hasattr(mesh, "devices"):
-      return mesh.devices.flat[0].device_kind
-  return jax.devices()[0].device_kind
+  return (_target_device(mesh) or jax.devices()[0]).device_kind
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
