@@ -1,8 +1,11 @@
-"""Triton (Pallas GPU) kernels of the fused log-prob + entropy: forward statistics, dh and dW.
+"""Triton (Pallas GPU) kernels of the fused log-prob + entropy: forward statistics and the backward's dz.
 
-One program per token block (stats, dh) or vocabulary block (dW); logit tiles are rebuilt from
-[block, 16..64] chunks of D in registers, and every program owns its output rows / columns, so the
-float32 read-modify-write of dh and dW needs no atomics and is deterministic.
+Logit tiles are rebuilt from [block, 16..64] chunks of D in registers. The forward runs one program per token
+block over the whole vocabulary (online logsumexp). The backward goes over the vocabulary in chunks: one program
+per [token block, vocabulary block] tile writes that tile of dz once, and dh / dW come from two matmuls per chunk
+(`grads`). An earlier backward accumulated dh and dW in float32 tiles that every block read back and rewrote in
+global memory (dh's tile once per vocabulary block, dW's once per token block) and held a float32 [D, V]
+buffer; neither is left.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.kernels import _math
 
 BLOCKS = (64, 128)
+DZ_CHUNK_BYTES = 256 << 20  # the backward's dz [N, C] per vocabulary chunk (`chunk_cols`)
 
 
 def check_blocks(block_t: int, block_v: int, *, where: str) -> None:
@@ -68,12 +72,6 @@ def _load_tok(refs, r0, bt, row_ok_t):
   return (y_t, *(plgpu.load(r.at[pl.ds(r0, bt)], mask=row_ok_t, other=0.0) for r in f_refs))
 
 
-def _sync(interpret: bool) -> None:
-  # Rows / columns just stored are re-read by other threads of this program next iteration.
-  if not interpret:
-    plgpu.debug_barrier()
-
-
 def _stats_kernel(h_ref, w_ref, y_ref, m_ref, s_ref, u_ref, zy_ref, *, g: _Geom):
   r0 = pl.program_id(0) * g.bt
   row_ok_t = r0 + jnp.arange(g.bt) < g.n
@@ -92,62 +90,17 @@ def _stats_kernel(h_ref, w_ref, y_ref, m_ref, s_ref, u_ref, zy_ref, *, g: _Geom)
     plgpu.store(ref.at[pl.ds(r0, g.bt)], x_t, mask=row_ok_t)
 
 
-def _dh_kernel(h_ref, w_ref, *refs, g: _Geom, interpret: bool):
-  *tok_refs, dh_ref = refs
-  r0 = pl.program_id(0) * g.bt
+def _dz_kernel(h_ref, w_ref, *refs, g: _Geom):
+  """dz of one [bt, bv] tile of this vocabulary chunk, in the compute dtype; each tile is written once."""
+  *tok_refs, dz_ref = refs
+  r0, c0 = pl.program_id(0) * g.bt, pl.program_id(1) * g.bv
   row_ok_t = r0 + jnp.arange(g.bt) < g.n
-  tok = _load_tok(tok_refs, r0, g.bt, row_ok_t)
-
-  def vocab(j, carry):
-    c0 = j * g.bv
-    cols_c = c0 + jnp.arange(g.bv)
-    col_ok_c = cols_c < g.v
-    dz_tc = g.dz_tile(g.x_tile(h_ref, w_ref, r0, c0, row_ok_t, col_ok_c), cols_c, row_ok_t,
-                      col_ok_c, tok)
-
-    def chunk(k, carry):
-      w_kc = plgpu.load(w_ref.at[pl.ds(k * g.bd, g.bd), pl.ds(c0, g.bv)], mask=col_ok_c[None, :],
-                        other=0.0).astype(g.cdt)
-      out = dh_ref.at[pl.ds(r0, g.bt), pl.ds(k * g.bd, g.bd)]
-      prev_tk = jnp.where(j > 0, plgpu.load(out, mask=row_ok_t[:, None], other=0.0), 0.0)
-      new_tk = prev_tk + plgpu.dot(dz_tc, w_kc, trans_b=True, precision=g.prec)
-      plgpu.store(out, new_tk, mask=row_ok_t[:, None])
-      return carry
-
-    jax.lax.fori_loop(0, g.nd, chunk, 0)
-    _sync(interpret)
-    return carry
-
-  jax.lax.fori_loop(0, pl.cdiv(g.v, g.bv), vocab, 0)
-
-
-def _dw_kernel(h_ref, w_ref, *refs, g: _Geom, interpret: bool):
-  *tok_refs, dw_ref = refs
-  c0 = pl.program_id(0) * g.bv
   cols_c = c0 + jnp.arange(g.bv)
   col_ok_c = cols_c < g.v
-
-  def token(i, carry):
-    r0 = i * g.bt
-    row_ok_t = r0 + jnp.arange(g.bt) < g.n
-    tok = _load_tok(tok_refs, r0, g.bt, row_ok_t)
-    dz_tc = g.dz_tile(g.x_tile(h_ref, w_ref, r0, c0, row_ok_t, col_ok_c), cols_c, row_ok_t,
-                      col_ok_c, tok)
-
-    def chunk(k, carry):
-      h_tk = plgpu.load(h_ref.at[pl.ds(r0, g.bt), pl.ds(k * g.bd, g.bd)], mask=row_ok_t[:, None],
-                        other=0.0).astype(g.cdt)
-      out = dw_ref.at[pl.ds(k * g.bd, g.bd), pl.ds(c0, g.bv)]
-      prev_kc = jnp.where(i > 0, plgpu.load(out, mask=col_ok_c[None, :], other=0.0), 0.0)
-      new_kc = prev_kc + plgpu.dot(h_tk, dz_tc, trans_a=True, precision=g.prec)
-      plgpu.store(out, new_kc, mask=col_ok_c[None, :])
-      return carry
-
-    jax.lax.fori_loop(0, g.nd, chunk, 0)
-    _sync(interpret)
-    return carry
-
-  jax.lax.fori_loop(0, pl.cdiv(g.n, g.bt), token, 0)
+  tok = _load_tok(tok_refs, r0, g.bt, row_ok_t)
+  dz_tc = g.dz_tile(g.x_tile(h_ref, w_ref, r0, c0, row_ok_t, col_ok_c), cols_c, row_ok_t, col_ok_c, tok)
+  plgpu.store(dz_ref.at[pl.ds(r0, g.bt), pl.ds(c0, g.bv)], dz_tc,
+              mask=row_ok_t[:, None] & col_ok_c[None, :])
 
 
 def _prepare(h_nd, w_dv, block_t, block_v, inv_temp):
@@ -174,19 +127,54 @@ def stats(h_nd: jax.Array, w_dv: jax.Array, y_n: jax.Array, *, inv_temp: float, 
   )(h_nd, w_dv, y_n))
 
 
+def chunk_cols(n: int, d: int, v: int, block_v: int, dtype, chunk_bytes: int | None = None) -> int:
+  """Vocabulary columns C per backward chunk: the chunk's dz [n, C] and W slice [d, C] in the compute dtype plus
+  its float32 dW [d, C] within `chunk_bytes` (default DZ_CHUNK_BYTES, read at call time); C is a multiple of
+  block_v, at least one block, at most V."""
+  chunk_bytes = DZ_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+  per_col = (n + d) * jnp.dtype(dtype).itemsize + d * 4
+  return min(v, max(block_v, chunk_bytes // per_col // block_v * block_v))
+
+
+def _dz_call(g: _Geom, h_nd, w_dc, y_n, per_token, interpret: bool) -> jax.Array:
+  return pl.pallas_call(
+      functools.partial(_dz_kernel, g=g), grid=(pl.cdiv(g.n, g.bt), pl.cdiv(g.v, g.bv)),
+      out_shape=jax.ShapeDtypeStruct((g.n, g.v), g.cdt), compiler_params=_params(g), interpret=interpret,
+      name="logprob_entropy_dz")(h_nd, w_dc, y_n, *per_token)
+
+
 def grads(h_nd: jax.Array, w_dv: jax.Array, y_n: jax.Array, lse_n: jax.Array, mu_n: jax.Array,
           g_logp_n: jax.Array, g_ent_n: jax.Array, *, inv_temp: float, block_t: int,
-          block_v: int, interpret: bool) -> tuple[jax.Array, jax.Array]:
-  """(dh float32 [N, D], dW in W's dtype [D, V]); dW is accumulated in a float32 [D, V] buffer."""
-  d, w_dtype = h_nd.shape[1], w_dv.dtype
-  h_nd, w_dv, g = _prepare(h_nd, w_dv, block_t, block_v, inv_temp)
-  args = (h_nd, w_dv, y_n, lse_n, mu_n, g_logp_n, g_ent_n)
-  dh_nd = pl.pallas_call(
-      functools.partial(_dh_kernel, g=g, interpret=interpret), grid=(pl.cdiv(g.n, g.bt),),
-      out_shape=jax.ShapeDtypeStruct((g.n, g.d), jnp.float32), compiler_params=_params(g),
-      interpret=interpret, name="logprob_entropy_dh")(*args)
-  dw_dv = pl.pallas_call(
-      functools.partial(_dw_kernel, g=g, interpret=interpret), grid=(pl.cdiv(g.v, g.bv),),
-      out_shape=jax.ShapeDtypeStruct((g.d, g.v), jnp.float32), compiler_params=_params(g),
-      interpret=interpret, name="logprob_entropy_dw")(*args)
-  return dh_nd[:, :d], dw_dv[:d].astype(w_dtype)
+          block_v: int, interpret: bool, chunk_bytes: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """(dh float32 [N, D], dW in W's dtype [D, V]), one vocabulary chunk of C columns (`chunk_cols`) at a time.
+
+  Per chunk the kernel rebuilds the logits tile by tile and writes dz [N, C] in the compute dtype, each tile
+  once; dh += dz W_c^T and dW[:, chunk] = h^T dz are two plain matmuls with float32 accumulation (cuBLAS on a
+  GPU), and the chunk's dW is written once, in W's dtype. The full chunks run in a loop (one chunk's buffers
+  alive at a time), then the remaining V mod C columns. No float32 tile of dh or dW is read back and rewritten
+  in global memory; the temporaries are one chunk's dz, W slice and float32 dW, and dh [N, D].
+  """
+  (n, d), v, w_dtype = h_nd.shape, w_dv.shape[1], w_dv.dtype
+  h_pad, w_pad, g = _prepare(h_nd, w_dv, block_t, block_v, inv_temp)
+  cdt, prec, dp = g.cdt, g.prec, g.d
+  h_cast = h_nd.astype(cdt)
+  per_token = (lse_n, mu_n, g_logp_n, g_ent_n)
+  cols = chunk_cols(n, dp, v, g.bv, cdt, chunk_bytes)
+
+  def chunk(c0, width, carry):
+    dh_nd, dw_dv = carry
+    w_dc = jax.lax.dynamic_slice_in_dim(w_pad, c0, width, axis=1)
+    dz_nc = _dz_call(_Geom(n, dp, width, block_t, block_v, cdt, inv_temp), h_pad, w_dc, y_n - c0, per_token,
+                     interpret)
+    dh_nd = dh_nd + jax.lax.dot_general(dz_nc, w_dc[:d].astype(cdt), (((1,), (1,)), ((), ())),
+                                        preferred_element_type=jnp.float32, precision=prec)
+    dw_dc = jax.lax.dot_general(h_cast, dz_nc, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+                                precision=prec)
+    return dh_nd, jax.lax.dynamic_update_slice_in_dim(dw_dv, dw_dc.astype(w_dtype), c0, axis=1)
+
+  carry = (jnp.zeros((n, d), jnp.float32), jnp.zeros((d, v), w_dtype))
+  full = v // cols
+  carry = jax.lax.fori_loop(0, full, lambda j, c: chunk(j * cols, cols, c), carry)
+  if v % cols:
+    carry = chunk(full * cols, v % cols, carry)
+  return carry

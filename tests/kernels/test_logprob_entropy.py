@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from cotsafe_jax import CotsafeError
-from cotsafe_jax.kernels import logprob_entropy, pallas_gpu, pallas_tpu
+from cotsafe_jax.kernels import _math, logprob_entropy, pallas_gpu, pallas_tpu
 from tests.kernels.logprob_entropy_ref import as_f64, assert_close, make_inputs, ref64, value_and_grads
 
 IMPLS = ("naive", "xla", "pallas_tpu", "pallas_gpu")
@@ -161,17 +161,46 @@ def _largest_intermediate(jaxpr) -> int:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_logits_never_materialised(impl):
-  """No value in the forward+backward program has T*V elements, except in the naive twin."""
+def test_logits_never_materialised(impl, monkeypatch):
+  """No value in the forward+backward program has T*V elements, except in the naive twin. The Triton
+  backward holds dz for one vocabulary chunk of every token ([T, C], C from a byte budget: 256 MiB by default);
+  with the budget at one block here, its largest value is [T, block_v]."""
   t, d, v = 512, 16, 4096
+  monkeypatch.setattr(pallas_gpu, "DZ_CHUNK_BYTES", 512 * (t * 4 + d * 8))
   h, w, y, gl, ge = make_inputs(1, t, d, v, jnp.float32)
   kw = {} if impl == "naive" else dict(block_t=128, block_v=512)
   run = value_and_grads(y, gl, ge, impl=impl, **kw)
   largest = _largest_intermediate(jax.make_jaxpr(run)(h, w).jaxpr)
   if impl == "naive":
     assert largest >= t * v
+  elif impl == "pallas_gpu":
+    assert largest <= max(t * 512, d * v), largest  # dz of one chunk, or dW itself
   else:
     assert largest <= max(128 * 512, d * v), largest  # one tile, or dW itself
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pallas_gpu_backward_in_vocabulary_chunks(dtype):
+  """The Triton backward over several vocabulary chunks (the last one ragged: 1031 = 3 x 320 + 71 columns,
+  blocks of 64 and a ragged last token block) equals float64, and equals itself in one chunk."""
+  t, d, v, temp = 37, 48, 1031, 0.6
+  h, w, y, gl, ge = make_inputs(8, t, d, v, jnp.dtype(dtype))
+  y = y.at[3].set(-100)  # a pad target: no one-hot term
+  budget = 320 * ((t + d) * jnp.dtype(dtype).itemsize + d * 4)
+  assert pallas_gpu.chunk_cols(t, d, v, 64, jnp.dtype(dtype), budget) == 320
+  stats = pallas_gpu.stats(h, w, y, inv_temp=1 / temp, block_t=16, block_v=64, interpret=True)
+  _, ent, lse = (np.asarray(x) for x in _math.finish(*stats, 1 / temp))
+  args = (h, w, y, jnp.asarray(lse), jnp.asarray(lse - ent), gl, ge)
+  kw = dict(inv_temp=1 / temp, block_t=16, block_v=64, interpret=True)
+  dh, dw = pallas_gpu.grads(*args, **kw, chunk_bytes=budget)
+  _, _, dh64, dw64 = ref64(as_f64(h), as_f64(w), np.asarray(y), temp, gl, ge)
+  rel = TOL[dtype]["grad"]
+  assert_close("dh", dh, dh64, rel=rel)
+  assert_close("dW", dw, dw64, rel=rel)
+  assert dw.dtype == w.dtype and dh.dtype == jnp.float32
+  dh1, dw1 = pallas_gpu.grads(*args, **kw)  # one chunk (the default budget)
+  np.testing.assert_allclose(np.asarray(dh, np.float32), np.asarray(dh1, np.float32), rtol=0, atol=1e-6 * float(jnp.abs(dh1).max()))
+  np.testing.assert_array_equal(np.asarray(dw), np.asarray(dw1))  # each dW column block comes from one matmul
 
 
 def test_xla_temp_memory_far_below_naive():
@@ -240,7 +269,8 @@ def test_pallas_kernels_lower_for_their_platform(monkeypatch, module, platform, 
   h, w, y, gl, ge = make_inputs(6, *shape, jnp.dtype(dtype))
   run = value_and_grads(y, gl, ge, impl=module.__name__.rsplit(".", 1)[1])
   text = run.trace(h, w).lower(lowering_platforms=(platform,)).as_text()
-  assert text.count(call) == 3  # stats, dh, dW kernels
+  # TPU: stats, dh, dW kernels; GPU: stats and dz (one vocabulary chunk at these sizes)
+  assert text.count(call) == (3 if module is pallas_tpu else 2)
 
 
 def _compiled_case(impl):
