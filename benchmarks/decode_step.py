@@ -7,9 +7,12 @@ A decode step is memory-bound: each one reads every weight and the filled KV cac
 (weights + KV cache) is how close it runs to the floor (goal: <= 1.2). The step is what the sampler's loop body
 runs: `decode.decode_step` over a one-segment cache of `--slots` slots (all filled: the last step of a
 16k-token rollout) and the draw (temperature 1, top-p 0.95), the cache donated (written in place).
-- "before": the weights as the sampler read them until now: per-layer float32 slices of the training params,
-  split over fsdp (each step all-gathers them and casts them to bf16).
-- "after": `decode.decode_params` (once per rollout): bf16, whole on data x fsdp, split over tensor only.
+- "before": the weights as the sampler read them before the decode layout: per-layer float32 slices of the training
+  params, split over fsdp (each step all-gathers them and casts them to bf16); attention in XLA.
+- "layout": `decode.decode_params` (once per rollout): bf16, whole on data x fsdp, split over tensor only; attention
+  in XLA (float32 scores [rows, heads, S] written and read back per layer).
+- "layout + kernel": the same weights, attention by `kernels.decode_attention` (what the sampler runs on TPU now:
+  the cache streamed through VMEM with an online softmax, no scores in HBM).
 The model is R1-Distill-Qwen-7B (28 layers, D 3584, 28 heads over 4 kv heads of 128, V 152064), bf16 compute.
 Needs the target's compiler: pip install -e '.[plan]'.
 """
@@ -109,22 +112,25 @@ def main() -> int:
     rows = per_chip * mesh.shape["data"] * mesh.shape["fsdp"]
     cache = cache_args(cfg, mesh, rows, args.slots)
     kv = planner.count_bytes(cache["kv"])
-    for name, weights in (("before", before), ("after", after)):
-      r = compile_step(cfg, mesh, weights, cache, rows)
+    for name, weights, attention in (("before", before, "chunked"), ("layout", after, "chunked"),
+                                     ("layout + kernel", after, "auto")):
+      r = compile_step(cfg.replace(attention=attention), mesh, weights, cache, rows)
       w = planner.count_bytes(after)  # the floor reads the weights once, in bf16
-      r.update(layout=name, rows_per_chip=per_chip, weight_bytes=w, kv_bytes=kv,
-               read_bytes_argument=planner.count_bytes(weights), ratio=r["bytes_accessed"] / (w + kv))
+      embed = planner.count_bytes(after.weights["embed"])  # a step gathers B of its rows, not the whole table
+      r.update(layout=name, rows_per_chip=per_chip, weight_bytes=w, kv_bytes=kv, embed_bytes=embed,
+               read_bytes_argument=planner.count_bytes(weights), ratio=r["bytes_accessed"] / (w + kv),
+               ratio_without_embedding=r["bytes_accessed"] / (w - embed + kv))
       out_rows.append(r)
       print(f"{name} {per_chip} row(s)/chip: {r}", flush=True)
   print(f"\nR1-Distill-Qwen-7B ({args.layers} layers) decode step on {args.target} ({mesh.size} chips, mesh "
         f"{dict(mesh.shape)}), {args.slots} cache slots, bf16; per chip\n")
-  print("| rows / chip | weights | bytes accessed GiB | weights (bf16) + KV GiB | ratio | all-gathers | "
-        "temporaries GiB |")
-  print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+  print("| rows / chip | step | bytes accessed GiB | weights (bf16) + KV GiB | ratio | ratio without the embedding "
+        "table | all-gathers | temporaries GiB |")
+  print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
   for r in out_rows:
     print(f"| {r['rows_per_chip']} | {r['layout']} | {r['bytes_accessed'] / GIB:.2f} | "
-          f"{(r['weight_bytes'] + r['kv_bytes']) / GIB:.2f} | {r['ratio']:.2f} | {r['all_gathers']} | "
-          f"{r['temp_bytes'] / GIB:.2f} |")
+          f"{(r['weight_bytes'] + r['kv_bytes']) / GIB:.2f} | {r['ratio']:.2f} | {r['ratio_without_embedding']:.2f} | "
+          f"{r['all_gathers']} | {r['temp_bytes'] / GIB:.2f} |")
   _common.write_json({"target": args.target, "slots": args.slots, "layers": args.layers, "jax": jax.__version__,
                       "mesh": {k: int(v) for k, v in mesh.shape.items()}, "rows": out_rows},
                      args.out, f"decode_step_{args.target.replace('-', '_')}.json")

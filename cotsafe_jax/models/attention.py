@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from cotsafe_jax.errors import CotsafeError
+from cotsafe_jax.kernels import decode_attention
 from cotsafe_jax.models.config import ATTENTION_IMPLS
 from cotsafe_jax.parallel import mesh as mesh_lib
 
@@ -75,15 +76,22 @@ def dense(q_btgrk: Array, k_bsgk: Array, v_bsgk: Array, bias_bts: Array, dt: Any
 
 
 def cached(q_btgrk: Array, kv_segments: Sequence[tuple[Array, Array]], bias_segments: Sequence[Array],
-           dt: Any) -> Array:
+           dt: Any, *, impl: str = "auto") -> Array:
   """Attention of T new queries over a KV cache in segments (layouts: models.cache_shapes, keys [B, kv_heads,
   head_dim, S_j], values [B, kv_heads, S_j, head_dim]) with additive biases [B, T, S_j]: one float32 softmax over
   every segment's scores, the value products summed over segments (in float32 when there are several).
 
   (query position, head in group) merge into one row axis m, so both dots are plain batched matmuls over (row, kv
-  head) that read the cache in place (a one-token decode step has m = group).
+  head) that read the cache in place (a one-token decode step has m = group). Where `impl` resolves to splash (TPU)
+  a one-token step runs `kernels.decode_attention` instead (same maths; no [rows, S] scores in HBM; off a TPU the
+  Pallas interpreter, for tests).
   """
   b, t, g, r, dh = q_btgrk.shape
+  mesh = jax.sharding.get_abstract_mesh()
+  mesh = None if mesh.empty else mesh
+  platform = mesh_lib.target_platform(mesh)
+  if t == 1 and resolve_impl(impl, platform, q_btgrk.dtype) == "splash":
+    return _decode_kernel(q_btgrk, kv_segments, bias_segments, dt, mesh, interpret=platform != "tpu")
   q_bgmk = q_btgrk.transpose(0, 2, 1, 3, 4).reshape(b, g, t * r, dh)
   scores = [jnp.einsum("bgmk,bgks->bgms", q_bgmk, k_bgks.astype(dt), preferred_element_type=jnp.float32)
             .reshape(b, g, t, r, -1) / math.sqrt(dh) + bias_bts[:, None, :, None, :]
@@ -101,6 +109,21 @@ def cached(q_btgrk: Array, kv_segments: Sequence[tuple[Array, Array]], bias_segm
       start += s
     out_bgmk = out_bgmk.astype(dt)
   return out_bgmk.reshape(b, g, t, r, dh).transpose(0, 2, 1, 3, 4)
+
+
+def _decode_kernel(q_b1grk: Array, kv_segments: Sequence[tuple[Array, Array]], bias_segments: Sequence[Array],
+                   dt: Any, mesh: Any, *, interpret: bool) -> Array:
+  """`kernels.decode_attention`, per shard under a mesh (batch and kv heads as the cache's logical axes split
+  them)."""
+  kernel = functools.partial(decode_attention.decode_attention, dt=dt, interpret=interpret)
+  if mesh is None or mesh.size == 1:
+    return kernel(q_b1grk, kv_segments, bias_segments)
+  b, _, g = q_b1grk.shape[:3]
+  batch, heads = mesh_lib.logical_to_spec(("batch", "kv_heads"), (b, g), mesh)
+  q_spec, k_spec, bias_spec = P(batch, None, heads, None, None), P(batch, heads, None, None), P(batch, None, None)
+  specs = ([(k_spec, k_spec) for _ in kv_segments], [bias_spec for _ in bias_segments])
+  return jax.shard_map(lambda q, kv, bias: kernel(q, kv, bias), mesh=mesh, in_specs=(q_spec, *specs),
+                       out_specs=q_spec, check_vma=False)(q_b1grk, list(kv_segments), list(bias_segments))
 
 
 def _dense_self(q_btgrk: Array, k_bsgk: Array, v_bsgk: Array, key_valid_bs: Array, dt: Any) -> Array:

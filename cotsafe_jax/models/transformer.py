@@ -135,7 +135,7 @@ class Attention(nn.Module):
       segments = list(kv_cache) if isinstance(kv_cache, list) else [kv_cache]
       biases = list(bias_bts) if isinstance(kv_cache, list) else [bias_bts]
       segments[-1] = _written(segments[-1], k_btgk, v_btgk, cache_index)  # the new tokens go into the last one
-      out_btgrk = attention_lib.cached(q_btgrk, segments, biases, dt)
+      out_btgrk = attention_lib.cached(q_btgrk, segments, biases, dt, impl=cfg.attention)
       new_cache = segments if isinstance(kv_cache, list) else segments[0]
     out_bthk = out_btgrk.reshape(b, t, h, dh)
     wo = _param(self, "o_kernel", (h, dh, d), ("heads", "head_dim", "embed"), init, pdt)
