@@ -43,6 +43,12 @@ def square_buffers(text: str, t: int) -> list[str]:
   return sorted(shapes)
 
 
+def kernels(text: str) -> list[str]:
+  """The attention kernels' custom calls in compiled HLO text (Mosaic's tpu_custom_call, cuDNN's fused attention)."""
+  targets_ = set(re.findall(r'custom_call_target="([^"]+)"', text))
+  return sorted(t for t in targets_ if "tpu_custom_call" in t or "cudnn" in t.lower())
+
+
 def compile_one(cfg, mesh, rows: int, length: int, program: str) -> dict:
   params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         models.param_shapes(cfg), models.param_shardings(cfg, mesh))
@@ -69,8 +75,9 @@ def compile_one(cfg, mesh, rows: int, length: int, program: str) -> dict:
             "needed_gib": found[0] / GIB, "square_buffers": None, "compile_s": round(time.perf_counter() - t0, 1),
             "error": next(l for l in str(e).splitlines() if l.strip())[:300]}
   ma = compiled.memory_analysis()
+  text = compiled.as_text()
   return {"fits": True, "temp_gib": ma.temp_size_in_bytes / GIB, "argument_gib": ma.argument_size_in_bytes / GIB,
-          "square_buffers": square_buffers(compiled.as_text(), length),
+          "square_buffers": square_buffers(text, length), "kernels": kernels(text),
           "compile_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -95,12 +102,14 @@ def main() -> int:
         rows_out.append(r)
         print(f"{name} {impl} {program}: {r}", flush=True)
   print(f"\n{args.layers} layers of R1-Distill-Qwen-7B, 1 row of {args.length} tokens per chip, bf16, remat full\n")
-  print("| target | attention | program | temporaries GiB per chip | [T, S] buffers in the program | compile s |")
-  print("| --- | --- | --- | ---: | --- | ---: |")
+  print("| target | attention | program | temporaries GiB per chip | [T, S] buffers in the program | kernels | "
+        "compile s |")
+  print("| --- | --- | --- | ---: | --- | --- | ---: |")
   for r in rows_out:
     temp = f"{r['temp_gib']:.2f}" if r["fits"] else f"does not compile: asks {r['needed_gib']:.1f}"
     square = "-" if r["square_buffers"] is None else (", ".join(f"[{s}]" for s in r["square_buffers"]) or "none")
-    print(f"| {r['target']} | {r['impl']} | {r['program']} | {temp} | {square} | {r['compile_s']} |")
+    kern = ", ".join(r.get("kernels") or []) or "-"
+    print(f"| {r['target']} | {r['impl']} | {r['program']} | {temp} | {square} | {kern} | {r['compile_s']} |")
   _common.write_json({"length": args.length, "layers": args.layers, "jax": jax.__version__, "rows": rows_out},
                      args.out, "attention.json")
   return 0
