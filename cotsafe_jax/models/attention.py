@@ -217,29 +217,29 @@ def _forward(n, c, q, k, v, valid):
   b, _, g, r, dh = q.shape
 
   def one_query_block(args):
-    q_c, slot_c = args
+    q_c, slot_c, i = args
 
-    def one_key_block(carry, j):
-      def update(carry):
-        m, l, acc = carry
-        s = _scores(q_c, k_n[j], _ok(slot_c, slots_nc[j], valid_n[j]), scale)
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.where(s > _NEG / 2, jnp.exp(s - m_new[..., None]), 0.0)
-        corr = jnp.exp(m - m_new)
-        pv = jnp.einsum("bgrcs,bsgk->bgrck", p.astype(v.dtype), v_n[j], preferred_element_type=jnp.float32)
-        return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
-      # a key block wholly after the query block's last slot holds nothing it may see
-      return jax.lax.cond(slots_nc[j, 0] <= slot_c[-1], update, lambda x: x, carry), None
+    def one_key_block(j, carry):
+      m, l, acc = carry
+      s = _scores(q_c, k_n[j], _ok(slot_c, slots_nc[j], valid_n[j]), scale)
+      m_new = jnp.maximum(m, s.max(-1))
+      p = jnp.where(s > _NEG / 2, jnp.exp(s - m_new[..., None]), 0.0)
+      corr = jnp.exp(m - m_new)
+      pv = jnp.einsum("bgrcs,bsgk->bgrck", p.astype(v.dtype), v_n[j], preferred_element_type=jnp.float32)
+      return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
 
     init = (jnp.full((b, g, r, c), _NEG, jnp.float32), jnp.zeros((b, g, r, c), jnp.float32),
             jnp.zeros((b, g, r, c, dh), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(one_key_block, init, jnp.arange(n))
+    # key blocks 0..i: a later one starts after this query block's last slot and holds nothing it may see. A loop
+    # with a traced bound, not a cond per block: inside a scan (the layers) under jax.vjp, a cond here made JAX save
+    # every (query, key) block pair's scores as residuals (benchmarks/README.md, attention)
+    m, l, acc = jax.lax.fori_loop(0, i + 1, one_key_block, init)
     seen = l > 0
     out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
     return out.astype(q.dtype), lse  # [B, G, R, c, K], [B, G, R, c]
 
-  out_n, lse_n = jax.lax.map(one_query_block, (q_n, slots_nc))
+  out_n, lse_n = jax.lax.map(one_query_block, (q_n, slots_nc, jnp.arange(n)))
   out = _unblock(jnp.moveaxis(out_n, 4, 2), 1, t)  # [n, B, c, G, R, K] -> [B, T, G, R, K]
   return out, lse_n
 
@@ -268,23 +268,18 @@ def _chunked_bwd(n, c, res, g_out):
     dp = jnp.einsum("bcgrk,bsgk->bgrcs", do_n[i], v_n[j], preferred_element_type=jnp.float32)
     return p, p * (dp - d_n[i][..., None])
 
-  def visible(i, j):
-    return slots_nc[j, 0] <= slots_nc[i, -1]
-
   # one pass: key blocks outside, query blocks inside; dq [n, B, c, G, R, K] float32 is carried and added to in
-  # place, so each block's probabilities are recomputed once
+  # place, so each block's probabilities are recomputed once. Key block j is seen by query blocks j..n-1 only.
   def key_block(dq_n, j):
-    def step(carry, i):
-      def add(carry):
-        dk, dv, dq_n = carry
-        p, ds = probs(i, j)
-        dv = dv + jnp.einsum("bgrcs,bcgrk->bsgk", p.astype(v.dtype), do_n[i], preferred_element_type=jnp.float32)
-        dk = dk + jnp.einsum("bgrcs,bcgrk->bsgk", ds, q_n[i], preferred_element_type=jnp.float32) * scale
-        dq_i = jnp.einsum("bgrcs,bsgk->bcgrk", ds, k_n[j], preferred_element_type=jnp.float32) * scale
-        return dk, dv, dq_n.at[i].add(dq_i)
-      return jax.lax.cond(visible(i, j), add, lambda x: x, carry), None
+    def step(i, carry):
+      dk, dv, dq_n = carry
+      p, ds = probs(i, j)
+      dv = dv + jnp.einsum("bgrcs,bcgrk->bsgk", p.astype(v.dtype), do_n[i], preferred_element_type=jnp.float32)
+      dk = dk + jnp.einsum("bgrcs,bcgrk->bsgk", ds, q_n[i], preferred_element_type=jnp.float32) * scale
+      dq_i = jnp.einsum("bgrcs,bsgk->bcgrk", ds, k_n[j], preferred_element_type=jnp.float32) * scale
+      return dk, dv, dq_n.at[i].add(dq_i)
     zeros = jnp.zeros(k_n.shape[1:], jnp.float32)
-    (dk, dv, dq_n), _ = jax.lax.scan(step, (zeros, zeros, dq_n), jnp.arange(n))
+    dk, dv, dq_n = jax.lax.fori_loop(j, n, step, (zeros, zeros, dq_n))
     return dq_n, (dk.astype(k.dtype), dv.astype(v.dtype))
 
   dq_n, (dk_n, dv_n) = jax.lax.scan(key_block, jnp.zeros(q_n.shape, jnp.float32), jnp.arange(n))
