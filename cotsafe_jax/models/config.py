@@ -25,7 +25,8 @@ class ModelConfig:
   """Architecture of a decoder-only transformer; `dtype` is the compute dtype, `param_dtype` storage.
   `remat`: what each layer keeps for the backward pass, one of REMAT_POLICIES (True / False read as
   "full" / "none"). `attention`: the attention without a KV cache (training, scoring, prefill), one of
-  models.attention.IMPLS ("auto": splash on TPU, cuDNN on GPU, "chunked" elsewhere; none holds [T, S] scores).
+  models.attention.IMPLS ("auto": splash on TPU, cuDNN on GPU, "chunked" elsewhere; none holds [T, S] scores);
+  where it resolves to splash, one-token decode steps over the KV cache run kernels.decode_attention.
   `attention_block`: the query / key block of "chunked" (scores alive at once: [block, block] per head)."""
   model_type: str
   vocab_size: int
