@@ -20,7 +20,7 @@ from cotsafe_jax.errors import CotsafeError
 from cotsafe_jax.kernels import _math
 
 BLOCKS = (64, 128)
-DZ_CHUNK_BYTES = 256 << 20  # the backward's dz [N, C] per vocabulary chunk (`chunk_cols`)
+DZ_CHUNK_BYTES = 256 << 20  # per backward chunk: dz [N, C], the W slice and float32 dW [D, C] (`chunk_cols`)
 
 
 def check_blocks(block_t: int, block_v: int, *, where: str) -> None:

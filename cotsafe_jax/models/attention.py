@@ -122,7 +122,7 @@ def _decode_kernel(q_b1grk: Array, kv_segments: Sequence[tuple[Array, Array]], b
   batch, heads = mesh_lib.logical_to_spec(("batch", "kv_heads"), (b, g), mesh)
   q_spec, k_spec, bias_spec = P(batch, None, heads, None, None), P(batch, heads, None, None), P(batch, None, None)
   specs = ([(k_spec, k_spec) for _ in kv_segments], [bias_spec for _ in bias_segments])
-  return jax.shard_map(lambda q, kv, bias: kernel(q, kv, bias), mesh=mesh, in_specs=(q_spec, *specs),
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, *specs),
                        out_specs=q_spec, check_vma=False)(q_b1grk, list(kv_segments), list(bias_segments))
 
 
