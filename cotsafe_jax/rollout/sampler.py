@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from cotsafe_jax import models
 from cotsafe_jax.errors import CotsafeError
@@ -239,11 +240,14 @@ def _core(dparams: decode_lib.DecodeParams, prompt_bp: jax.Array, mask_bp: jax.A
          jnp.zeros((b,), bool))
   tok_r, done_r, out = emit(0, logits_bv, None, out[4], out)
 
+  shards = _shards(mesh)
+
   def cond(state, end, keep_above):
     i, _, _, done_r, *_ = state
     go = (i < end) & ~jnp.all(done_r)
-    if keep_above is not None:  # leave the loop once at most keep_above rows are live: the batch is halved
-      go &= jnp.sum(~done_r) > keep_above
+    if keep_above is not None:  # leave the loop once every shard has at most half its rows live: it is halved
+      live_s = jnp.sum(~done_r.reshape(shards, -1), axis=1)  # the batch's shards are contiguous blocks of rows
+      go &= jnp.max(live_s) > keep_above // shards
     return go
 
   def body(state, segments):
@@ -264,29 +268,41 @@ def _core(dparams: decode_lib.DecodeParams, prompt_bp: jax.Array, mask_bp: jax.A
         state = jax.lax.while_loop(functools.partial(cond, end=end, keep_above=keep_above),
                                    functools.partial(body, segments=k + 1), state)
     if keep_above is not None:
-      state, rows = _compact(cfg, state, keep_above, mesh), keep_above
+      state, rows = _compact(cfg, state, mesh), keep_above
   tokens_bt, logp_bt, ent_bt, len_b, done_b = state[5]
   mask_bt = jnp.arange(t)[None, :] < len_b[:, None]
   return GenerateOutput(tokens_bt=tokens_bt, mask_bt=mask_bt, logprobs_bt=logp_bt, finished_b=done_b,
                         entropy_bt=ent_bt if s.return_entropy else None, decoded_rows=state[6])
 
 
-def _compact(cfg: models.ModelConfig, state: tuple, rows: int, mesh: Mesh | None) -> tuple:
-  """The decode state with its batch cut to `rows`: the live rows first (all of them, when they are at most
-  `rows`), then finished ones to fill; their caches, tokens and original row ids move along."""
+def _compact(cfg: models.ModelConfig, state: tuple, mesh: Mesh | None) -> tuple:
+  """The decode state with its batch halved, each shard of the batch (data x fsdp) halved on its own chip:
+  a shard's live rows first (all of them: the loop left only once every shard had at most half its rows live),
+  then finished ones to fill; their caches, tokens and original row ids move along. No row crosses chips (a
+  global selection would gather the whole halved batch's KV cache onto every chip)."""
   i, rows_r, tok_r, done_r, cache, out, decoded = state
-  keep = jnp.argsort(done_r, stable=True)[:rows]  # live (False) before finished (True), in row order
-  take = lambda x: jnp.take(x, keep, axis=0)  # noqa: E731
-  rows_r = keep if rows_r is None else take(rows_r)
-  cache = {"kv": [[(take(k), take(v)) for k, v in layer] for layer in cache["kv"]],
-           "mask": [take(m) for m in cache["mask"]], "pos_b": take(cache["pos_b"]), "index": cache["index"]}
-  if mesh is not None:
-    cache = decode_lib.constrain_cache(cfg, cache, mesh)
-    rows_r, tok_r, done_r = (jax.lax.with_sharding_constraint(x, mesh_lib.batch_sharding(mesh, 1, (rows,)))
-                             for x in (rows_r, take(tok_r), take(done_r)))
+  if rows_r is None:
+    rows_r = jnp.arange(done_r.shape[0], dtype=jnp.int32)
+  per_row = (rows_r, tok_r, done_r, cache["kv"], cache["mask"], cache["pos_b"])
+
+  def halve(rows_r, tok_r, done_r, kv, masks, pos_b):
+    keep = jnp.argsort(done_r, stable=True)[:done_r.shape[0] // 2]  # live (False) before finished, in row order
+    return jax.tree.map(lambda x: jnp.take(x, keep, axis=0), (rows_r, tok_r, done_r, kv, masks, pos_b))
+
+  if mesh is None:
+    rows_r, tok_r, done_r, kv, masks, pos_b = halve(*per_row)
   else:
-    tok_r, done_r = take(tok_r), take(done_r)
-  return i, rows_r, tok_r, done_r, cache, out, decoded
+    b = done_r.shape[0]
+    batch = mesh_lib.logical_to_spec(("batch",), (b,), mesh)[0]
+
+    def seg_specs(k, v):
+      return tuple(mesh_lib.logical_to_spec(axes[1:], shape[1:], mesh)
+                   for axes, shape in zip(models.KV_CACHE_AXES, models.cache_shapes(cfg, b, k.shape[-1])))
+    specs = (P(batch), P(batch), P(batch), [[seg_specs(*kv) for kv in layer] for layer in cache["kv"]],
+             [P(batch, None) for _ in cache["mask"]], P(batch))
+    rows_r, tok_r, done_r, kv, masks, pos_b = jax.shard_map(halve, mesh=mesh, in_specs=specs, out_specs=specs,
+                                                            check_vma=False)(*per_row)
+  return i, rows_r, tok_r, done_r, {**cache, "kv": kv, "mask": masks, "pos_b": pos_b}, out, decoded
 
 
 @functools.lru_cache(maxsize=64)
@@ -386,9 +402,10 @@ def generate(cfg: models.ModelConfig, params: Any, prompt_bp: Any, prompt_mask_b
   them equal); each phase compiles its own loop body.
 
   Finished rows: the loop ends once every row has stopped, and with `compactions` = n > 0 it may halve its
-  batch up to n times: once at most half the rows are live, they (and their caches) move into a batch half as
-  large, so the long tail of a few long chains of thought does not pay for the whole batch. Every row keeps its
-  own random stream, so compaction does not change the draws. Default `auto_compactions`: up to 2 on TPU / GPU
+  batch up to n times: once every shard of the batch (data x fsdp) has at most half its rows live, each shard's
+  live rows (and their caches) move into a shard half as large on the same chip, so the long tail of a few long
+  chains of thought does not pay for the whole batch and no KV cache crosses chips. Every row keeps its own random
+  stream, so compaction does not change the draws. Default `auto_compactions`: up to 2 on TPU / GPU
   while a halved batch keeps >= 8 rows split evenly over data x fsdp; none on CPU. Each halving compiles the
   phase loops again.
 

@@ -58,9 +58,9 @@ class RolloutConfig:
   """Sampling during training. Prompts longer than max_prompt_len are cut from the left
   (truncate="left") or rejected (truncate="error"). cache_phases: decode loops, each over the KV cache filled by
   its end (`rollout.generate`; None: one per 64 new tokens, at most 4). compactions: how many times the decode may
-  halve its batch once most rows have stopped (None: up to 2 on TPU / GPU, none on CPU). gathered_weights: the
-  sampler holds the policy whole on data x fsdp in the compute dtype for the rollout (False: split like the params,
-  gathered layer by layer every decode step, for chips that cannot hold the copy)."""
+  halve its batch once most of each chip's rows have stopped (None: up to 2 on TPU / GPU, none on CPU).
+  gathered_weights: the sampler holds the policy whole on data x fsdp in the compute dtype for the rollout (False:
+  split like the params, gathered layer by layer every decode step, for chips that cannot hold the copy)."""
   max_prompt_len: int = 128
   max_new_tokens: int = 256
   samples_per_prompt: int = 1

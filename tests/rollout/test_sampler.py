@@ -1,4 +1,6 @@
 """rollout.generate against the full forward: greedy, padding, log-probs, filters, stops, sharding, bucketing."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ from scipy import special, stats
 
 from cotsafe_jax import models, parallel, rollout
 from cotsafe_jax.errors import CotsafeError
-from cotsafe_jax.rollout import sampler
+from cotsafe_jax.rollout import decode, sampler
 
 CFG = models.tiny_config("qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                          num_heads=4, num_kv_heads=2)
@@ -235,26 +237,28 @@ def test_cache_phases_decode_the_same_tokens(params):
   np.testing.assert_array_equal(np.asarray(every.tokens_bt[:, 0]), np.asarray(one.tokens_bt[:, 0]))
 
 
-def _decoded_rows(out, compactions):
+def _decoded_rows(out, compactions, shards=1):
   """Plain-Python twin of the decode loop's work: step i runs while a row is live; the batch halves (up to
-  `compactions` times) once at most half of it is live."""
+  `compactions` times) once every one of its `shards` (contiguous blocks of the original rows: a row never leaves
+  its shard) has at most half its rows live."""
   lengths = np.asarray(out.mask_bt).sum(axis=1)
   finished = np.asarray(out.finished_b)
   b, t = out.mask_bt.shape
   rows, level, total = b, 0, 0
   for i in range(1, t):
-    live = int(np.sum(~finished | (lengths > i)))  # rows that have not emitted their stop token before step i
-    if live == 0:
+    live_b = ~finished | (lengths > i)  # rows that have not emitted their stop token before step i
+    if not live_b.any():
       break
-    while level < compactions and live <= rows // 2:
+    while level < compactions and live_b.reshape(shards, -1).sum(axis=1).max() <= rows // shards // 2:
       rows, level = rows // 2, level + 1
     total += rows
   return total
 
 
 def test_compaction_decodes_the_same_tokens_with_less_work(params):
-  # the batch halves once most rows have stopped (their caches move along): same draws, row by row, as the full
-  # batch (every row keeps its own uniforms), on one device and on 8; the work is what the loop's twin counts
+  # the batch halves once every shard has at most half its rows live (their caches move along, within the shard):
+  # same draws, row by row, as the full batch (every row keeps its own uniforms), on one device and on 8 (4 batch
+  # shards); the work is what the loop's twin counts
   prompt, mask = _prompts([6, 2, 9, 4, 9, 1, 7, 3], 9, seed=11)
   kw = dict(rng=jax.random.key(5), max_new_tokens=24, temperature=1.0, eos_ids=tuple(range(0, 64, 5)),
             cache_phases=2, return_entropy=True)
@@ -264,17 +268,33 @@ def test_compaction_decodes_the_same_tokens_with_less_work(params):
   assert int(full.decoded_rows) == _decoded_rows(full, 0)
   mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
   sharded = _scaled(models.init_params(CFG, jax.random.key(0), mesh=mesh))
-  for p, n in ((params, 2), (sharded, 1)):
+  for p, n, shards in ((params, 2, 1), (sharded, 1, 4)):
     out = rollout.generate(CFG, p, prompt, mask, compactions=n, **kw)
     np.testing.assert_array_equal(np.asarray(out.tokens_bt), np.asarray(full.tokens_bt))
     np.testing.assert_array_equal(np.asarray(out.mask_bt), np.asarray(full.mask_bt))
     np.testing.assert_array_equal(np.asarray(out.finished_b), np.asarray(full.finished_b))
     np.testing.assert_allclose(np.asarray(out.logprobs_bt), np.asarray(full.logprobs_bt), atol=1e-5)
     np.testing.assert_allclose(np.asarray(out.entropy_bt), np.asarray(full.entropy_bt), atol=1e-5)
-    assert int(out.decoded_rows) == _decoded_rows(full, n) < int(full.decoded_rows)
+    assert int(out.decoded_rows) == _decoded_rows(full, n, shards) < int(full.decoded_rows)
   with pytest.raises(CotsafeError, match="compactions=2 halves the batch of 8 rows 2 times, which needs a multiple "
                                          "of 16 rows"):
     rollout.generate(CFG, sharded, prompt, mask, compactions=2, **kw)
+  # the halving moves rows within each chip: no collective in the compiled program carries a KV-cache segment (a
+  # global selection gathers the halved batch's whole cache onto every chip: all-reduces of [4, 1, 8, 27] here)
+  program = sampler.generate_program(CFG, mesh, batch=8, prompt_len=16, max_new_tokens=24, temperature=1.0,
+                                     eos_ids=kw["eos_ids"], return_entropy=True, cache_phases=2, compactions=1)
+  rows = parallel.batch_sharding(mesh, 2, (8, 16))
+  text = program.lower(decode.abstract_decode_params(CFG, mesh), jax.ShapeDtypeStruct((8, 16), jnp.int32,
+                                                                                       sharding=rows),
+                       jax.ShapeDtypeStruct((8, 16), bool, sharding=rows),
+                       jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=parallel.replicated(mesh))).compile().as_text()
+  collective = r"= (.*?) (?:all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\("
+  shapes = [d for result in re.findall(collective, text) for d in re.findall(r"\w+\[([\d,]*)\]", result)]
+  assert shapes  # the live counts are compared across chips
+  segments = (27, 12)  # prompt bucket 16 + phase 0's 11 slots, then phase 1's 12
+  cache_like = [d for d in shapes if len(d.split(",")) == 4
+                and {int(x) for x in d.split(",")[-2:]} in ({CFG.head_dim, n} for n in segments)]
+  assert not cache_like, cache_like
 
 
 def test_prompt_lengths_in_one_bucket_compile_once(params):
