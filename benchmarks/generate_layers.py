@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cotsafe_jax import models, parallel  # noqa: E402
+from cotsafe_jax.parallel import mesh as mesh_lib  # noqa: E402
 from cotsafe_jax.plan import targets  # noqa: E402
 from cotsafe_jax.rollout import decode, sampler  # noqa: E402
 
@@ -54,7 +55,7 @@ def main() -> int:
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
   mesh = parallel.make_mesh(devices=targets.devices(targets.parse_target(args.target)))
-  auto = sampler.auto_compactions(args.rows, mesh.shape["data"] * mesh.shape["fsdp"], "tpu")
+  auto = sampler.auto_compactions(args.rows, mesh.shape["data"] * mesh.shape["fsdp"], mesh_lib.target_platform(mesh))
   rows_per_chip = args.rows // (mesh.shape["data"] * mesh.shape["fsdp"])
   out = []
   for layers in args.layers:

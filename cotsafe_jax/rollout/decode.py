@@ -20,6 +20,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cotsafe_jax import models
 from cotsafe_jax.errors import CotsafeError
@@ -111,16 +112,22 @@ def decode_params(cfg: models.ModelConfig, params: Any, *, mesh: Mesh | None = N
   return decode_params_program(cfg, mesh, gathered)(params)
 
 
+def segment_specs(cfg: models.ModelConfig, batch: int, slots: int, mesh: Mesh) -> tuple[P, P]:
+  """PartitionSpecs of one cache segment's k [B, kv_heads, head_dim, S] and v [B, kv_heads, S, head_dim] under
+  `mesh`, per `models.KV_CACHE_AXES` without the layer axis."""
+  return tuple(mesh_lib.logical_to_spec(axes[1:], shape[1:], mesh)
+               for axes, shape in zip(models.KV_CACHE_AXES, models.cache_shapes(cfg, batch, slots)))
+
+
 def constrain_cache(cfg: models.ModelConfig, cache: LayerCache, mesh: Mesh | None) -> LayerCache:
-  """Each segment's k / v sharded per `models.KV_CACHE_AXES` (without the layer axis) under `mesh`."""
+  """Each segment's k / v sharded per `segment_specs` under `mesh`."""
   if mesh is None:
     return cache
   b = cache["pos_b"].shape[0]
 
   def seg(k_bgks, v_bgsk):
-    shapes = models.cache_shapes(cfg, b, k_bgks.shape[-1])
-    return tuple(jax.lax.with_sharding_constraint(x, mesh_lib.logical_sharding(mesh, axes[1:], shape[1:]))
-                 for x, axes, shape in zip((k_bgks, v_bgsk), models.KV_CACHE_AXES, shapes))
+    return tuple(jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+                 for x, spec in zip((k_bgks, v_bgsk), segment_specs(cfg, b, k_bgks.shape[-1], mesh)))
   return {**cache, "kv": [[seg(*kv) for kv in layer] for layer in cache["kv"]]}
 
 

@@ -294,12 +294,8 @@ def _compact(cfg: models.ModelConfig, state: tuple, mesh: Mesh | None) -> tuple:
   else:
     b = done_r.shape[0]
     batch = mesh_lib.logical_to_spec(("batch",), (b,), mesh)[0]
-
-    def seg_specs(k, v):
-      return tuple(mesh_lib.logical_to_spec(axes[1:], shape[1:], mesh)
-                   for axes, shape in zip(models.KV_CACHE_AXES, models.cache_shapes(cfg, b, k.shape[-1])))
-    specs = (P(batch), P(batch), P(batch), [[seg_specs(*kv) for kv in layer] for layer in cache["kv"]],
-             [P(batch, None) for _ in cache["mask"]], P(batch))
+    kv_specs = [[decode_lib.segment_specs(cfg, b, k.shape[-1], mesh) for k, _ in layer] for layer in cache["kv"]]
+    specs = (P(batch), P(batch), P(batch), kv_specs, [P(batch, None) for _ in cache["mask"]], P(batch))
     rows_r, tok_r, done_r, kv, masks, pos_b = jax.shard_map(halve, mesh=mesh, in_specs=specs, out_specs=specs,
                                                             check_vma=False)(*per_row)
   return i, rows_r, tok_r, done_r, {**cache, "kv": kv, "mask": masks, "pos_b": pos_b}, out, decoded
